@@ -1,0 +1,303 @@
+"""The decoder-only transformer of the Llama family (Llama-2/3, Qwen2/2.5, Mistral) in Flax Linen.
+
+Layout choices:
+- Layers are stacked with `nn.scan` (leading logical axis `layers`): one compiled layer body, fast
+  compiles for 80-layer models, and one place for rematerialisation.
+- Every parameter carries logical axis names; proxykd/train/sharding.py maps them to the mesh.
+- Attention takes segment ids: tokens attend only within their own segment (packed documents), and
+  causally by index. The same mask serves the KV cache used for sampling: pass `cache` and the new
+  keys/values are written at `cache["index"]`, queries attend to every cached slot of their segment.
+- The forward can stop before the lm_head (`return_hidden=True`): chunked vocabulary losses apply
+  the head themselves (see `lm_head_kernel`).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from proxykd.models.config import ModelConfig
+
+Array = jax.Array
+_NEG_INF = -1e30
+
+
+def _dtype(name: str):
+  return jnp.dtype(name)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+  """Inverse frequencies of the rotary embedding, with HF's `linear` and `llama3` scalings."""
+  d = cfg.head_dim
+  inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
+  scaling = cfg.rope_scaling_dict
+  kind = scaling.get("rope_type", "default")
+  if kind == "linear":
+    inv_freq = inv_freq / scaling["factor"]
+  elif kind == "llama3":
+    factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * np.pi / inv_freq
+    scaled = np.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / hi) & ~(wavelen > old_len / lo)
+    inv_freq = np.where(medium, smoothed, scaled)
+  return inv_freq.astype(np.float32)
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
+  """x: [B, T, H, D]; positions: [B, T]. HF's rotate-half convention."""
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(emb), jnp.sin(emb)
+  x32 = x.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+  return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return y.astype(self.dtype) * scale.astype(self.dtype)
+
+
+class Projection(nn.Module):
+  """A linear map between named multi-axis shapes, with optional bias and LoRA adapter.
+
+  `x[..., *in_shape] -> y[..., *out_shape]`; the kernel is [*in_shape, *out_shape].
+  """
+  in_shape: tuple[int, ...]
+  out_shape: tuple[int, ...]
+  in_axes: tuple[str, ...]
+  out_axes: tuple[str, ...]
+  cfg: ModelConfig
+  use_bias: bool = False
+  lora: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.cfg
+    dtype, pdtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+    fan_in = int(np.prod(self.in_shape))
+    init = nn.initializers.normal(cfg.initializer_range)
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.in_axes + self.out_axes),
+                        self.in_shape + self.out_shape, pdtype)
+    n_in, n_out = len(self.in_shape), len(self.out_shape)
+    letters = "abcdefgh"
+    ins, outs = letters[:n_in], letters[n_in:n_in + n_out]
+    spec = f"...{ins},{ins}{outs}->...{outs}"
+    y = jnp.einsum(spec, x.astype(dtype), kernel.astype(dtype))
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.out_axes),
+                        self.out_shape, pdtype)
+      y = y + bias.astype(dtype)
+    if self.lora:
+      r = cfg.lora_rank
+      a = self.param("lora_a", nn.with_logical_partitioning(
+          nn.initializers.normal(1.0 / np.sqrt(fan_in)), self.in_axes + ("lora_rank",)),
+                     self.in_shape + (r,), pdtype)
+      b = self.param("lora_b", nn.with_logical_partitioning(
+          nn.initializers.zeros, ("lora_rank",) + self.out_axes), (r,) + self.out_shape, pdtype)
+      low = jnp.einsum(f"...{ins},{ins}r->...r", x.astype(dtype), a.astype(dtype))
+      y = y + (cfg.lora_alpha / r) * jnp.einsum(f"...r,r{outs}->...{outs}", low, b.astype(dtype))
+    return y
+
+
+def _proj(cfg: ModelConfig, name: str, in_shape, out_shape, in_axes, out_axes, use_bias=False):
+  return Projection(tuple(in_shape), tuple(out_shape), tuple(in_axes), tuple(out_axes), cfg,
+                    use_bias=use_bias, lora=cfg.lora_rank > 0 and name in cfg.lora_targets,
+                    name=name)
+
+
+def attention_mask(q_index: Array, q_segments: Array, kv_segments: Array) -> Array:
+  """[B, 1, 1, T, S] boolean: causal by absolute index, and within the same segment.
+
+  q_index: [T] absolute index of each query in the key sequence; q_segments: [B, T];
+  kv_segments: [B, S]. A key slot whose segment is 0 (padding or an empty cache slot) is visible
+  only to padding queries, so every query row keeps at least one key (its own slot).
+  """
+  causal = jnp.arange(kv_segments.shape[1])[None, :] <= q_index[:, None]  # [T, S]
+  same = q_segments[:, :, None] == kv_segments[:, None, :]  # [B, T, S]
+  return (causal[None] & same)[:, None, None]
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids, cache_kv, cache_index, cache_segments):
+    cfg = self.cfg
+    e, h, kvh, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q = _proj(cfg, "q", (e,), (h, d), ("embed",), ("heads", "head_dim"), cfg.qkv_bias)(x)
+    k = _proj(cfg, "k", (e,), (kvh, d), ("embed",), ("kv_heads", "head_dim"), cfg.qkv_bias)(x)
+    v = _proj(cfg, "v", (e,), (kvh, d), ("embed",), ("kv_heads", "head_dim"), cfg.qkv_bias)(x)
+    inv_freq = rope_inv_freq(cfg)
+    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
+    k = nn.with_logical_constraint(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
+
+    t = x.shape[1]
+    if cache_kv is None:
+      keys, values, kv_segments, q_index = k, v, segment_ids, jnp.arange(t)
+      new_kv = None
+    else:
+      ck, cv = cache_kv
+      keys = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
+      values = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
+      kv_segments, q_index = cache_segments, cache_index + jnp.arange(t)
+      new_kv = (keys, values)
+
+    b, s = x.shape[0], keys.shape[1]
+    g = h // kvh
+    qg = q.reshape(b, t, kvh, g, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys.astype(q.dtype),
+                        preferred_element_type=jnp.float32) * (d ** -0.5)
+    mask = attention_mask(q_index, segment_ids, kv_segments)
+    scores = jnp.where(mask, scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(q.dtype)).reshape(b, t, h, d)
+    out = _proj(cfg, "o", (h, d), (e,), ("heads", "head_dim"), ("embed",))(out)
+    return out, new_kv
+
+
+class Mlp(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    e, f = cfg.hidden_size, cfg.intermediate_size
+    gate = _proj(cfg, "gate", (e,), (f,), ("embed",), ("mlp",))(x)
+    up = _proj(cfg, "up", (e,), (f,), ("embed",), ("mlp",))(x)
+    hidden = nn.with_logical_constraint(jax.nn.silu(gate) * up,
+                                        ("activation_batch", "activation_length", "activation_mlp"))
+    return _proj(cfg, "down", (f,), (e,), ("mlp",), ("embed",))(hidden)
+
+
+class DecoderLayer(nn.Module):
+  """One pre-norm block. Scanned: (carry, per-layer inputs) -> (carry, per-layer outputs)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, layer_cache, positions, segment_ids, cache_index, cache_segments):
+    cfg = self.cfg
+    dtype, pdtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+    x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+    h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="attn_norm")(x)
+    attn, new_cache = Attention(cfg, name="attn")(h, positions, segment_ids, layer_cache,
+                                                   cache_index, cache_segments)
+    x = x + attn
+    h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="mlp_norm")(x)
+    x = x + Mlp(cfg, name="mlp")(h)
+    return x, new_cache
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nn.Module):
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    pdtype = _dtype(cfg.param_dtype)
+    self.embedding = self.param(
+        "embedding", nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range),
+                                                  ("vocab", "embed")),
+        (cfg.vocab_size, cfg.hidden_size), pdtype)
+    layer = DecoderLayer
+    if cfg.remat != "none":
+      layer = nn.remat(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    self.layers = nn.scan(
+        layer, variable_axes={"params": 0}, split_rngs={"params": True},
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+        length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
+    self.final_norm = RMSNorm(cfg.rms_norm_eps, _dtype(cfg.dtype), pdtype, name="final_norm")
+    if not cfg.tie_word_embeddings:
+      self.lm_head = self.param(
+          "lm_head", nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range),
+                                                  ("embed", "vocab")),
+          (cfg.hidden_size, cfg.vocab_size), pdtype)
+
+  def __call__(self, tokens: Array, positions: Array | None = None,
+               segment_ids: Array | None = None, *, cache: dict | None = None,
+               return_hidden: bool = False):
+    """tokens [B, T] -> logits [B, T, V] (float32), or final hidden states [B, T, E].
+
+    positions default to 0..T-1 and segment_ids to all ones. With `cache` (see `init_cache`) the
+    new keys/values are written at cache["index"] and (output, new_cache) is returned.
+    """
+    cfg = self.cfg
+    b, t = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if segment_ids is None:
+      segment_ids = jnp.ones((b, t), jnp.int32)
+    x = jnp.take(self.embedding, tokens, axis=0).astype(_dtype(cfg.dtype))
+    if cache is None:
+      layer_cache, index, cache_segments = None, None, None
+    else:
+      layer_cache, index = (cache["k"], cache["v"]), cache["index"]
+      cache_segments = jax.lax.dynamic_update_slice_in_dim(
+          cache["segment_ids"], segment_ids.astype(jnp.int32), index, axis=1)
+    x, new_layer_cache = self.layers(x, layer_cache, positions, segment_ids, index, cache_segments)
+    x = self.final_norm(x)
+    out = x if return_hidden else self.logits(x)
+    if cache is None:
+      return out
+    new_cache = {"k": new_layer_cache[0], "v": new_layer_cache[1],
+                 "segment_ids": cache_segments, "index": index + t}
+    return out, new_cache
+
+  def logits(self, hidden: Array) -> Array:
+    kernel = self.embedding.T if self.cfg.tie_word_embeddings else self.lm_head
+    return jnp.einsum("...e,ev->...v", hidden, kernel.astype(hidden.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def lm_head_kernel(params: dict, cfg: ModelConfig) -> Array:
+  """The [E, V] output projection (the transposed embedding when tied)."""
+  return params["embedding"].T if cfg.tie_word_embeddings else params["lm_head"]
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+  """An empty KV cache: k/v [L, B, S, kv_heads, head_dim], slot segments [B, S] (0 = empty)."""
+  dtype = dtype or _dtype(cfg.dtype)
+  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+          "segment_ids": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.zeros((), jnp.int32)}
+
+
+def abstract_params(cfg: ModelConfig):
+  """Boxed (nn.LogicallyPartitioned) ShapeDtypeStructs of the parameters, without allocating."""
+  model = Transformer(cfg)
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))[
+      "params"]
+
+
+def logical_axes(cfg: ModelConfig):
+  """Pytree of logical PartitionSpecs, one per parameter."""
+  return nn.get_partition_spec(abstract_params(cfg))
+
+
+def init_params(cfg: ModelConfig, rng: Array, shardings=None):
+  """Random parameters, created directly with `shardings` (pytree of NamedSharding) if given."""
+  model = Transformer(cfg)
+  fn = lambda r: nn.unbox(model.init(r, jnp.zeros((1, 1), jnp.int32))["params"])
+  return jax.jit(fn, out_shardings=shardings)(rng)

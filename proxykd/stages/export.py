@@ -1,0 +1,32 @@
+"""Stage `export`: one of our checkpoints -> a Hugging Face model directory."""
+from __future__ import annotations
+
+from absl import logging
+from etils import epath
+
+from proxykd import runner
+from proxykd.models import hf_io
+from proxykd.models.config import ModelConfig
+from proxykd.train import checkpoint
+
+
+def run(config, workdir):
+  if not config.checkpoint:
+    raise runner.UserError("export: set --config.checkpoint=PATH (a checkpoint directory)")
+  if config.dtype not in ("float32", "bfloat16", "float16"):
+    raise runner.UserError(f"export: config.dtype={config.dtype!r} must be float32, bfloat16 or float16")
+  try:
+    params, meta = checkpoint.restore_params(config.checkpoint)
+  except FileNotFoundError as e:
+    raise runner.UserError(f"export: config.checkpoint: {e}") from None
+  cfg = ModelConfig.from_dict(meta["model"])
+  if cfg.lora_rank:
+    from proxykd.train import lora  # pylint: disable=g-import-not-at-top
+    params, cfg = lora.merge(params, cfg)
+  output = epath.Path(config.output or runner.stage_dir(workdir, "export") / "hf")
+  tokenizer = config.tokenizer or meta.get("tokenizer") or None
+  hf_io.export_hf(params, cfg, output, tokenizer_dir=tokenizer, dtype=config.dtype,
+                  max_shard_bytes=int(config.max_shard_gb * (1 << 30)))
+  logging.info("export: wrote %s (%s parameters, %s)", output, f"{cfg.num_params:,}", config.dtype)
+  print(f"exported {config.checkpoint} -> {output}")
+  return output

@@ -6,6 +6,7 @@ or of the config's mesh, never of model code.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -69,3 +70,87 @@ def logical_to_sharding(logical_tree, mesh: Mesh, rules=LOGICAL_RULES):
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+# ----------------------------------------------------------------------------- from the config
+BATCH_AXES = ("data", "fsdp")  # The batch dimension of every input is split over these axes.
+
+
+def mesh_from_config(mesh_cfg, devices=None) -> Mesh:
+  """The mesh named by a `config.mesh` block ({data, fsdp, tensor}, one may be -1)."""
+  shape = dict(mesh_cfg.to_dict() if hasattr(mesh_cfg, "to_dict") else mesh_cfg)
+  try:
+    return make_mesh(shape, devices)
+  except (KeyError, ValueError) as e:
+    raise ValueError(f"config.mesh: {str(e).strip(chr(34) + chr(39))}") from None
+
+
+def batch_divisor(mesh: Mesh) -> int:
+  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def validate_mesh(mesh: Mesh, cfg, global_batch: int, grad_accum: int = 1) -> None:
+  """Refuse, before compiling, a batch or a model that does not divide the mesh."""
+  sizes = ", ".join(f"{a}={mesh.shape[a]}" for a in MESH_AXES)
+  div = batch_divisor(mesh)
+  if grad_accum < 1 or global_batch % grad_accum:
+    raise ValueError(f"config.train.batch_size={global_batch} is not a multiple of "
+                     f"config.train.grad_accum={grad_accum}")
+  micro = global_batch // grad_accum
+  if micro % div:
+    raise ValueError(
+        f"the micro-batch of {micro} rows (config.train.batch_size={global_batch} / grad_accum="
+        f"{grad_accum}) does not divide over data x fsdp = {div} devices of the mesh ({sizes})")
+  tensor = mesh.shape["tensor"]
+  for name in ("num_heads", "num_kv_heads"):
+    value = getattr(cfg, name)
+    if value % tensor:
+      raise ValueError(f"config.model.{name}={value} is not a multiple of the mesh's tensor axis "
+                       f"({sizes})")
+  if cfg.intermediate_size % tensor:
+    raise ValueError(f"config.model.intermediate_size={cfg.intermediate_size} is not a multiple "
+                     f"of the mesh's tensor axis ({sizes})")
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  """Rows over (data, fsdp); the other dimensions whole."""
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def param_shardings(cfg, mesh: Mesh):
+  """NamedShardings of the model parameters (unboxed tree), from the logical rules."""
+  from proxykd.models.transformer import logical_axes  # pylint: disable=g-import-not-at-top
+  return logical_to_sharding(logical_axes(cfg), mesh)
+
+
+def shardings_like(tree, params, param_sh, mesh: Mesh):
+  """Shardings for a tree (e.g. optimizer state) whose param-shaped leaves mirror `params`.
+
+  A leaf whose key path ends with a parameter's path and has that parameter's shape gets the
+  parameter's sharding (Adam moments, accumulated gradients); anything else is replicated.
+  """
+  by_path = {}
+  for (path, leaf), sh in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                              jax.tree_util.tree_leaves(param_sh)):
+    by_path[tuple(path)] = (tuple(leaf.shape), sh)
+  rep = replicated(mesh)
+
+  def pick(path, leaf):
+    path = tuple(path)
+    for i in range(len(path)):
+      hit = by_path.get(path[i:])
+      if hit is not None and hit[0] == tuple(getattr(leaf, "shape", ())):
+        return hit[1]
+    return rep
+
+  return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh, rules=LOGICAL_RULES):
+  """The mesh and logical rules that the model's activation constraints resolve against.
+
+  Trace and compile the step inside it (proxykd/train/step.py `compile_step` does).
+  """
+  with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
+    yield

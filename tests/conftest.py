@@ -1,0 +1,41 @@
+"""Shared test set-up: CPU only, offline, and helpers for multi-device runs in a subprocess."""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def run_python(code: str, devices: int = 1, timeout: int = 300, env: dict | None = None) -> str:
+  """Run `code` in a fresh interpreter with `devices` simulated CPU devices; return its stdout.
+
+  XLA_FLAGS must be set before jax is imported, hence the subprocess.
+  """
+  full_env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
+                  XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env or {}))
+  proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                        text=True, timeout=timeout, env=full_env, cwd=REPO)
+  if proc.returncode != 0:
+    raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}")
+  return proc.stdout
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer_dir(tmp_path_factory):
+  """A small BPE tokenizer with a chat template, trained on local text (no download)."""
+  from proxykd.models.tokenizer import build_demo_tokenizer
+  texts = [f"Tom has {a} apples and buys {b} more. {a} + {b} = {a + b}\n#### {a + b}"
+           for a in range(40) for b in range(0, 40, 3)]
+  out = tmp_path_factory.mktemp("tokenizer")
+  build_demo_tokenizer(out, texts, vocab_size=384)
+  return out

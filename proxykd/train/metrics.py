@@ -1,0 +1,65 @@
+"""Where training metrics go: a tqdm bar on the console, TensorBoard event files, a JSON-lines file
+in the workdir, and Weights & Biases when `config.wandb.project` is set (optional import)."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+from etils import epath
+
+
+class MetricWriter:
+
+  def __init__(self, logdir: epath.PathLike, total_steps: int, initial_step: int = 0,
+               wandb_cfg=None, run_config: dict | None = None, console: bool = True):
+    self.logdir = epath.Path(logdir)
+    self.logdir.mkdir(parents=True, exist_ok=True)
+    self.is_main = jax.process_index() == 0
+    self._tb = self._wandb = self._bar = None
+    self._jsonl = None
+    if not self.is_main:
+      return
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self._tb = SummaryWriter(os.fspath(self.logdir / "tensorboard"))
+    self._jsonl = (self.logdir / "metrics.jsonl").open("a")
+    if wandb_cfg is not None and wandb_cfg.get("project"):
+      try:
+        import wandb  # pylint: disable=g-import-not-at-top
+      except ImportError:
+        raise ImportError("config.wandb.project is set but the `wandb` package is not installed; "
+                          "pip install wandb, or leave config.wandb.project empty") from None
+      self._wandb = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.get("entity") or None,
+                               name=wandb_cfg.get("name") or None, config=run_config,
+                               dir=os.fspath(self.logdir), resume="allow")
+    if console:
+      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
+
+  def write(self, step: int, scalars: dict[str, Any]) -> None:
+    """Scalars named like `train/loss` or `eval/loss`."""
+    if not self.is_main:
+      return
+    scalars = {k: float(v) for k, v in scalars.items()}
+    for k, v in scalars.items():
+      self._tb.add_scalar(k, v, step)
+    self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+    self._jsonl.flush()
+    if self._wandb is not None:
+      self._wandb.log(scalars, step=step)
+
+  def progress(self, step: int, **postfix) -> None:
+    if self._bar is not None:
+      self._bar.update(step - self._bar.n)
+      self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+    if self._tb is not None:
+      self._tb.close()
+    if self._jsonl is not None:
+      self._jsonl.close()
+    if self._wandb is not None:
+      self._wandb.finish()

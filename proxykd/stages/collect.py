@@ -1,0 +1,117 @@
+"""Stage `collect`: prompts -> teacher (any OpenAI-compatible API) -> <workdir>/collect/corpus.jsonl.
+
+Resumable: ids already in the corpus are skipped, so a killed run restarted with the same config
+asks only for what is missing. Writes summary.json at the end (no secrets: the key is read from the
+environment variable named by teacher.api_key_env and only handed to the client).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging as std_logging
+import os
+import time
+from urllib.parse import urlsplit, urlunsplit
+
+import openai
+from absl import logging
+
+from proxykd import runner
+from proxykd.data import corpus, prompts as prompts_lib
+from proxykd.teacher import batch_client, collector, limits
+from proxykd.teacher.local import LocalTeacher
+
+
+def _check(config) -> None:
+  t, lim = config.teacher, config.limits
+  if not 0 <= t.top_logprobs <= 20:
+    raise runner.UserError(f"teacher.top_logprobs={t.top_logprobs} must be in 0..20")
+  if t.n < 1:
+    raise runner.UserError(f"teacher.n={t.n} must be >= 1")
+  if lim.concurrency < 1:
+    raise runner.UserError(f"limits.concurrency={lim.concurrency} must be >= 1")
+  if not t.model:
+    raise runner.UserError("teacher.model is empty")
+
+
+def _safe_url(url: str) -> str:
+  """The URL without user:password@ (which would be a secret)."""
+  parts = urlsplit(url)
+  return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))) \
+      if parts.hostname else url
+
+
+def _api_key(t) -> str:
+  key = os.environ.get(t.api_key_env, "") if t.api_key_env else ""
+  if not key:
+    raise runner.UserError(f"teacher.api_key_env={t.api_key_env!r}: that environment variable is empty; "
+                           "export the key there (or set teacher.base_url=local for the built-in teacher)")
+  return key
+
+
+async def _run(config, base_url: str, key: str, collect_dir: str, out_path: str, all_prompts: list[dict]) -> dict:
+  t = config.teacher
+  client = openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=t.timeout_s)
+  params = collector.teacher_params(t)
+  present = corpus.corpus_ids(out_path)
+  jobs, already = collector.plan(all_prompts, params, t.n, t.system_prompt, present)
+  discount = config.pricing.batch_discount if config.batch.enabled else 1.0
+  stats = collector.Stats(total=len(all_prompts) * t.n, already=already,
+                          price_in=config.pricing.input_per_1m * discount,
+                          price_out=config.pricing.output_per_1m * discount)
+  policy = limits.RetryPolicy(config.limits.max_retries, config.limits.backoff_base_s, config.limits.backoff_max_s,
+                              config.limits.retry_after_max_s)
+  logging.info("collect: %d prompts x %d samples; %d already in %s; %d requests to make", len(all_prompts), t.n,
+               already, out_path, len(jobs))
+  progress = collector.Progress(stats, config.progress)
+  start = time.monotonic()
+  with corpus.CorpusWriter(out_path, sync_every=config.limits.sync_every) as writer, \
+       corpus.CorpusWriter(os.path.join(collect_dir, corpus.FAILED_FILENAME), sync_every=1,
+                           validate=corpus.validate_failure) as failed:
+    sink = collector.Sink(writer, failed, stats, progress)
+    try:
+      if config.batch.enabled:
+        await batch_client.BatchRunner(client, params, sink, config.batch, collect_dir, policy=policy,
+                                       max_tokens_key=t.max_tokens_key).run(jobs, set(present))
+      else:
+        await collector.collect(client, jobs, params, sink, concurrency=config.limits.concurrency,
+                                limiter=limits.RateLimiter(config.limits.rpm, config.limits.tpm), policy=policy,
+                                max_tokens_key=t.max_tokens_key)
+    finally:
+      progress.close()
+      await client.close()
+  elapsed = time.monotonic() - start
+  return {"mode": "batch" if config.batch.enabled else "async", "model": t.model, "corpus": out_path,
+          "prompts": len(all_prompts), "samples_per_prompt": t.n, "samples_total": stats.total,
+          "already_present": already, "collected": stats.done, "failed": stats.failed,
+          "corpus_total": already + stats.done, "requests": stats.requests, "retries": stats.calls.retries,
+          "errors": stats.calls.errors, "prompt_tokens": stats.prompt_tokens,
+          "completion_tokens": stats.completion_tokens, "est_cost_usd": round(stats.cost, 6),
+          "elapsed_s": round(elapsed, 3), "requests_per_s": round(stats.requests / elapsed, 3) if elapsed else None}
+
+
+def run(config, workdir):
+  _check(config)
+  for name in ("httpx", "httpx2", "openai"):  # One INFO line per HTTP request is too much.
+    std_logging.getLogger(name).setLevel(std_logging.WARNING)
+  t = config.teacher
+  collect_dir = str(runner.stage_dir(workdir, "collect"))
+  os.makedirs(collect_dir, exist_ok=True)
+  out_path = config.output or os.path.join(collect_dir, corpus.CORPUS_FILENAME)
+  all_prompts = prompts_lib.load_prompts(config.prompts)
+  if not all_prompts:
+    raise runner.UserError("collect: the prompt source gave no prompts (check prompts.* and limit/offset)")
+  with contextlib.ExitStack() as stack:
+    if t.base_url == "local":
+      base_url, key = stack.enter_context(
+          LocalTeacher(config.local, workdir, os.path.join(collect_dir, "local_teacher.log")))
+    else:
+      base_url, key = t.base_url, _api_key(t)
+    summary = asyncio.run(_run(config, base_url, key, collect_dir, out_path, all_prompts))
+  summary["base_url"] = "local" if t.base_url == "local" else _safe_url(base_url)
+  with open(os.path.join(collect_dir, "summary.json"), "w", encoding="utf-8") as f:
+    json.dump(summary, f, indent=2)
+  logging.info("collect: %s", summary)
+  print(json.dumps(summary))
+  return summary

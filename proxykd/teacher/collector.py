@@ -1,0 +1,200 @@
+"""Asynchronous collection of teacher samples through the official `openai` async client.
+
+`plan` turns prompts into jobs (one request per prompt for the samples it still lacks, so a resumed
+run asks only for what is missing); `collect` runs them with a concurrency limit, RPM/TPM limits and
+retries (proxykd/teacher/limits.py), appending each answer to the corpus as it arrives.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+from typing import Any
+
+from tqdm import tqdm
+
+from proxykd.data import corpus
+from proxykd.teacher import limits
+
+
+@dataclasses.dataclass
+class Job:
+  messages: list[dict]
+  meta: dict
+  samples: list[int]  # the sample indices still missing
+  ids: list[str]  # their record ids
+
+
+def teacher_params(t: Any) -> dict:
+  """The `teacher` field of every record: model and sampling parameters (these enter the ids)."""
+  stop = [s for s in (t.stop if isinstance(t.stop, (list, tuple)) else [t.stop]) if s]
+  return {"model": t.model, "temperature": float(t.temperature), "top_p": float(t.top_p),
+          "max_tokens": int(t.max_tokens) if t.max_tokens > 0 else None,
+          "seed": int(t.seed) if t.seed >= 0 else None, "stop": stop or None,
+          "top_logprobs": int(t.top_logprobs)}
+
+
+def with_system(messages: list[dict], system_prompt: str) -> list[dict]:
+  if not system_prompt or (messages and messages[0]["role"] in ("system", "developer")):
+    return messages
+  return [{"role": "system", "content": system_prompt}] + messages
+
+
+def plan(prompts: list[dict], params: dict, n: int, system_prompt: str, present: set[str]) -> tuple[list[Job], int]:
+  """Jobs for the samples not in `present`, and how many samples were already there."""
+  jobs, already = [], 0
+  for p in prompts:
+    msgs = with_system(p["messages"], system_prompt)
+    ids = [corpus.record_id(msgs, params, i) for i in range(n)]
+    missing = [i for i in range(n) if ids[i] not in present]
+    already += n - len(missing)
+    if missing:
+      jobs.append(Job(msgs, p.get("meta", {}), missing, [ids[i] for i in missing]))
+  return jobs, already
+
+
+def request_body(params: dict, messages: list[dict], n: int, max_tokens_key: str = "max_tokens") -> dict:
+  """The chat.completions arguments (also the body of a batch request line)."""
+  body = {"model": params["model"], "messages": messages, "temperature": params["temperature"],
+          "top_p": params["top_p"]}
+  if n != 1:
+    body["n"] = n
+  for key, value in ((max_tokens_key, params["max_tokens"]), ("seed", params["seed"]), ("stop", params["stop"])):
+    if value is not None:
+      body[key] = value
+  if params["top_logprobs"] > 0:
+    body.update(logprobs=True, top_logprobs=params["top_logprobs"])
+  return body
+
+
+def _logprobs(choice: dict) -> list[dict] | None:
+  content = (choice.get("logprobs") or {}).get("content")
+  if content is None:
+    return None
+  return [{"token": t["token"], "logprob": float(t["logprob"]),
+           "top_logprobs": [{"token": u["token"], "logprob": float(u["logprob"])} for u in t.get("top_logprobs") or []]}
+          for t in content]
+
+
+def records(completion: dict, job: Job, params: dict) -> list[dict]:
+  """Corpus records for the choices of one chat completion (OpenAI's JSON), one per missing sample.
+
+  usage: each record carries the request's prompt_tokens; completion tokens are per choice when
+  logprobs give them, else the request's total split evenly.
+  """
+  choices = sorted(completion.get("choices") or [], key=lambda c: c.get("index", 0))[:len(job.samples)]
+  usage = completion.get("usage") or {}
+  prompt_tokens, total_completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+  out = []
+  for k, ch in enumerate(choices):
+    lps = _logprobs(ch) if params["top_logprobs"] > 0 else None
+    comp = len(lps) if lps is not None else total_completion // len(choices) + (k < total_completion % len(choices))
+    rec = {"id": job.ids[k], "messages": job.messages, "response": (ch.get("message") or {}).get("content") or "",
+           "sample_index": job.samples[k], "teacher": params, "finish_reason": ch.get("finish_reason"),
+           "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": comp, "total_tokens": prompt_tokens + comp},
+           "logprobs": lps}
+    if job.meta:
+      rec["meta"] = job.meta
+    out.append(rec)
+  return out
+
+
+def failure_records(job: Job, params: dict, failure: limits.Failure, sample_range=None) -> list[dict]:
+  idx = range(len(job.samples)) if sample_range is None else sample_range
+  return [{"id": job.ids[k], "messages": job.messages, "sample_index": job.samples[k], "teacher": params,
+           "meta": job.meta, "status": "failed", "error": failure.to_json()} for k in idx]
+
+
+@dataclasses.dataclass
+class Stats:
+  total: int  # samples wanted in all
+  already: int = 0
+  done: int = 0
+  failed: int = 0
+  requests: int = 0
+  prompt_tokens: int = 0
+  completion_tokens: int = 0
+  price_in: float = 0.0  # USD per 1M tokens
+  price_out: float = 0.0
+  calls: limits.CallStats = dataclasses.field(default_factory=limits.CallStats)
+
+  @property
+  def remaining(self) -> int:
+    return self.total - self.already - self.done - self.failed
+
+  @property
+  def cost(self) -> float:
+    return (self.prompt_tokens * self.price_in + self.completion_tokens * self.price_out) / 1e6
+
+
+class Progress:
+  """tqdm bar over samples: done / failed / remaining, tokens and estimated cost."""
+
+  def __init__(self, stats: Stats, enabled: bool, desc: str = "collect"):
+    self.stats = stats
+    self.bar = tqdm(total=stats.total, initial=stats.already, desc=desc, unit="sample", disable=not enabled,
+                    dynamic_ncols=True, mininterval=0.5)
+
+  def update(self, k: int) -> None:
+    s = self.stats
+    self.bar.set_postfix(done=s.done, failed=s.failed, remaining=s.remaining,
+                         tokens=s.prompt_tokens + s.completion_tokens, cost=f"${s.cost:.4f}", refresh=False)
+    self.bar.update(k)
+
+  def close(self) -> None:
+    self.bar.close()
+
+
+class Sink:
+  """Where results go: the corpus (successes) and failed.jsonl, with stats and progress kept in step."""
+
+  def __init__(self, writer: corpus.CorpusWriter, failed: corpus.CorpusWriter, stats: Stats, progress: Progress):
+    self.writer, self.failed, self.stats, self.progress = writer, failed, stats, progress
+
+  def add(self, recs: list[dict], fails: list[dict], usage: dict | None = None) -> None:
+    for r in recs:
+      self.writer.write(r)
+    for f in fails:
+      self.failed.write(f)
+    s = self.stats
+    s.done += len(recs)
+    s.failed += len(fails)
+    if usage:
+      s.prompt_tokens += int(usage.get("prompt_tokens") or 0)
+      s.completion_tokens += int(usage.get("completion_tokens") or 0)
+    self.progress.update(len(recs) + len(fails))
+
+
+async def collect(client, jobs: list[Job], params: dict, sink: Sink, *, concurrency: int,
+                  limiter: limits.RateLimiter, policy: limits.RetryPolicy, max_tokens_key: str = "max_tokens",
+                  seed: int = 0) -> None:
+  """Run `jobs` against `client` (an openai.AsyncOpenAI with max_retries=0) into `sink`."""
+  it = iter(jobs)
+  rng = random.Random(seed)
+
+  async def worker():
+    for job in it:  # Shared iterator: each job is taken by exactly one worker.
+      body = request_body(params, job.messages, len(job.samples), max_tokens_key)
+      est = sum(len(m["content"]) for m in job.messages) // 4 + (params["max_tokens"] or 256) * len(job.samples)
+      await limiter.acquire(est)
+      sink.stats.requests += 1
+      result = await limits.call_with_retries(lambda: client.chat.completions.create(**body), policy, rng,
+                                              sink.stats.calls)
+      if isinstance(result, limits.Failure):
+        sink.add([], failure_records(job, params, result))
+        continue
+      completion = result.model_dump()
+      recs = records(completion, job, params)
+      fails = []
+      if len(recs) < len(job.samples):  # The server returned fewer choices than asked for.
+        short = limits.Failure(200, "MissingChoices", f"asked for n={len(job.samples)}, got {len(recs)} choices")
+        fails = failure_records(job, params, short, range(len(recs), len(job.samples)))
+      sink.add(recs, fails, completion.get("usage"))
+
+  tasks = [asyncio.ensure_future(worker()) for _ in range(max(1, min(concurrency, len(jobs))))]
+  try:
+    await asyncio.gather(*tasks)
+  finally:
+    for t in tasks:
+      t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

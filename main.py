@@ -18,6 +18,10 @@ from proxykd import runner
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Stage config: configs/<stage>.py[:variant]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (local path or gs://...).")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Call jax.distributed.initialize() first (TPU pods, multi-host GPU). "
+    "Cluster settings are auto-detected (TPU, SLURM) or read from JAX_COORDINATOR_ADDRESS, "
+    "JAX_NUM_PROCESSES and JAX_PROCESS_ID; see launch/README.md.")
 
 
 def main(argv):
@@ -26,6 +30,8 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/student_kd.py")
+  if _MULTIHOST.value:
+    runner.initialize_distributed()
   runner.run(config, _WORKDIR.value)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import re
 from typing import Any
 
@@ -40,6 +41,17 @@ def write_config(config: ml_collections.ConfigDict, path: epath.PathLike) -> Non
 def stage_dir(workdir: epath.PathLike, stage: str) -> epath.Path:
   """`<workdir>/<stage>/`: where a stage writes its outputs and later stages look for them."""
   return epath.Path(workdir) / stage
+
+
+def initialize_distributed() -> None:
+  """Join a multi-process JAX run: auto-detected on TPU/SLURM, else from JAX_* variables."""
+  import jax  # pylint: disable=g-import-not-at-top
+  kwargs = {}
+  if "JAX_COORDINATOR_ADDRESS" in os.environ:
+    kwargs = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+                  num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+                  process_id=int(os.environ["JAX_PROCESS_ID"]))
+  jax.distributed.initialize(**kwargs)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | None) -> Any:

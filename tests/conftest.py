@@ -39,3 +39,10 @@ def demo_tokenizer_dir(tmp_path_factory):
   out = tmp_path_factory.mktemp("tokenizer")
   build_demo_tokenizer(out, texts, vocab_size=384)
   return out
+
+
+# One persistent compilation cache for this test session, shared with the subprocesses it starts
+# (multi-device runs, kill -9 / resume runs) so that each program compiles once per run.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import tempfile  # noqa: E402
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="proxykd-jax-cache-")

@@ -93,3 +93,23 @@ def test_different_tokenizers_are_refused(demo_tokenizer_dir, tmp_path):
   other = build_demo_tokenizer(tmp_path, ["completely different text here"] * 10, vocab_size=300)
   with pytest.raises(ValueError, match="tokenizers differ"):
     check_same_tokenizer(load_tokenizer(demo_tokenizer_dir), other)
+
+
+def test_remat_and_bfloat16_compute():
+  """Rematerialisation changes nothing numerically; bf16 compute stays close to float32."""
+  cfg = preset("tiny")
+  params = init_params(cfg, jax.random.PRNGKey(3))
+  tokens = jnp.arange(16)[None] % cfg.vocab_size
+
+  def loss(c, p):
+    return jnp.mean(Transformer(c).apply({"params": p}, tokens) ** 2)
+
+  grad = jax.jit(jax.value_and_grad(loss, argnums=1), static_argnums=0)
+  base_loss, base_grad = grad(cfg, params)
+  remat_loss, remat_grad = grad(cfg.replace(remat="full"), params)
+  np.testing.assert_allclose(remat_loss, base_loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), remat_grad, base_grad)
+  bf16 = jax.jit(lambda p: Transformer(cfg.replace(dtype="bfloat16")).apply({"params": p}, tokens))(params)
+  f32 = jax.jit(lambda p: Transformer(cfg).apply({"params": p}, tokens))(params)
+  assert bf16.dtype == jnp.float32  # Logits are always returned in float32.
+  np.testing.assert_allclose(bf16, f32, atol=0.05)

@@ -296,8 +296,15 @@ def logical_axes(cfg: ModelConfig):
   return nn.get_partition_spec(abstract_params(cfg))
 
 
+def _init(cfg: ModelConfig, rng: Array):
+  return nn.unbox(Transformer(cfg).init(rng, jnp.zeros((1, 1), jnp.int32))["params"])
+
+
+_init_default = jax.jit(_init, static_argnums=0)
+
+
 def init_params(cfg: ModelConfig, rng: Array, shardings=None):
-  """Random parameters, created directly with `shardings` (pytree of NamedSharding) if given."""
-  model = Transformer(cfg)
-  fn = lambda r: nn.unbox(model.init(r, jnp.zeros((1, 1), jnp.int32))["params"])
-  return jax.jit(fn, out_shardings=shardings)(rng)
+  """Random parameters, created directly with `shardings` (pytree of Sharding) if given."""
+  if shardings is None:
+    return _init_default(cfg, rng)
+  return jax.jit(_init, static_argnums=0, out_shardings=shardings)(cfg, rng)

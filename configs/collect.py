@@ -50,6 +50,7 @@ def get_config(arg=None):
 
   c.limits = ml_collections.ConfigDict(dict(
       concurrency=32, rpm=0, tpm=0,  # 0: unlimited
+      ramp_up_s=0.25,  # start the concurrent workers spread over this many seconds
       max_retries=8, backoff_base_s=0.5, backoff_max_s=30.0, retry_after_max_s=120.0,
       sync_every=8))  # fsync the corpus every this many records
 

@@ -31,6 +31,7 @@ import json
 import math
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypedDict
 
 from absl import logging
@@ -261,9 +262,13 @@ class CorpusWriter:
   """Append-only, durable JSONL writer: whole lines, flush + fsync every `sync_every` records.
 
   Local files only (fsync needs a file descriptor). Use as a context manager; `close` syncs.
+  With `background_fsync`, the flush happens in `sync()` and the fsync (~4 ms on a laptop disk) in
+  one helper thread, so an event loop calling `write` is not blocked; `close` waits for it. The
+  flushed lines already survive a killed process; the fsync guards against a crash of the machine.
   """
 
-  def __init__(self, path: str | os.PathLike, *, sync_every: int = 8, validate=validate_record):
+  def __init__(self, path: str | os.PathLike, *, sync_every: int = 8, validate=validate_record,
+               background_fsync: bool = False):
     self.path = os.fspath(path)
     self.sync_every = max(1, int(sync_every))
     self._validate = validate
@@ -272,6 +277,7 @@ class CorpusWriter:
     self._f = open(self.path, "a", encoding="utf-8")
     self._pending = 0
     self.written = 0
+    self._fsyncer = ThreadPoolExecutor(1, thread_name_prefix="fsync") if background_fsync else None
 
   def write(self, obj: dict) -> None:
     self._validate(obj, f"{self.path} (record to append)", self.written + 1)
@@ -284,12 +290,18 @@ class CorpusWriter:
   def sync(self) -> None:
     if self._pending:
       self._f.flush()
-      os.fsync(self._f.fileno())
+      if self._fsyncer is not None:
+        self._fsyncer.submit(os.fsync, self._f.fileno())
+      else:
+        os.fsync(self._f.fileno())
       self._pending = 0
 
   def close(self) -> None:
     if not self._f.closed:
       self.sync()
+      if self._fsyncer is not None:
+        self._fsyncer.shutdown(wait=True)
+        os.fsync(self._f.fileno())
       self._f.close()
 
   def __enter__(self) -> "CorpusWriter":

@@ -66,7 +66,7 @@ async def _run(config, base_url: str, key: str, collect_dir: str, out_path: str,
                already, out_path, len(jobs))
   progress = collector.Progress(stats, config.progress)
   start = time.monotonic()
-  with corpus.CorpusWriter(out_path, sync_every=config.limits.sync_every) as writer, \
+  with corpus.CorpusWriter(out_path, sync_every=config.limits.sync_every, background_fsync=True) as writer, \
        corpus.CorpusWriter(os.path.join(collect_dir, corpus.FAILED_FILENAME), sync_every=1,
                            validate=corpus.validate_failure) as failed:
     sink = collector.Sink(writer, failed, stats, progress)
@@ -77,7 +77,7 @@ async def _run(config, base_url: str, key: str, collect_dir: str, out_path: str,
       else:
         await collector.collect(client, jobs, params, sink, concurrency=config.limits.concurrency,
                                 limiter=limits.RateLimiter(config.limits.rpm, config.limits.tpm), policy=policy,
-                                max_tokens_key=t.max_tokens_key)
+                                max_tokens_key=t.max_tokens_key, ramp_up_s=config.limits.ramp_up_s)
     finally:
       progress.close()
       await client.close()

@@ -16,6 +16,11 @@ from tqdm import tqdm
 from proxykd.data import corpus
 from proxykd.teacher import limits
 
+try:  # The HTTP library of the installed openai client: httpx2 from openai 3, httpx before.
+  import httpx2 as httpx
+except ImportError:  # pragma: no cover
+  import httpx
+
 
 @dataclasses.dataclass
 class Job:
@@ -165,25 +170,38 @@ class Sink:
     self.progress.update(len(recs) + len(fails))
 
 
+async def create(client, body: dict):
+  """POST /chat/completions through the client's generic `post` (its documented way to send raw
+  bodies): same transport, auth, timeouts and error classes as `chat.completions.create`, minus the
+  typed transform of the arguments and pydantic parsing of the reply, which cost ~2.5 ms of CPU per
+  request and capped throughput below 128 req/s on a 2-core machine. Returns the HTTP response."""
+  return await client.post("/chat/completions", body=body, cast_to=httpx.Response)
+
+
 async def collect(client, jobs: list[Job], params: dict, sink: Sink, *, concurrency: int,
                   limiter: limits.RateLimiter, policy: limits.RetryPolicy, max_tokens_key: str = "max_tokens",
-                  seed: int = 0) -> None:
-  """Run `jobs` against `client` (an openai.AsyncOpenAI with max_retries=0) into `sink`."""
+                  ramp_up_s: float = 0.0, seed: int = 0) -> None:
+  """Run `jobs` against `client` (an openai.AsyncOpenAI with max_retries=0) into `sink`.
+
+  The workers start spread over `ramp_up_s`: started together they would stay in lock-step bursts
+  (every reply of a fixed-latency server arriving at once), each burst queueing on the CPU.
+  """
   it = iter(jobs)
   rng = random.Random(seed)
+  n_workers = max(1, min(concurrency, len(jobs)))
 
-  async def worker():
+  async def worker(k: int):
+    await asyncio.sleep(ramp_up_s * k / n_workers)
     for job in it:  # Shared iterator: each job is taken by exactly one worker.
       body = request_body(params, job.messages, len(job.samples), max_tokens_key)
       est = sum(len(m["content"]) for m in job.messages) // 4 + (params["max_tokens"] or 256) * len(job.samples)
       await limiter.acquire(est)
       sink.stats.requests += 1
-      result = await limits.call_with_retries(lambda: client.chat.completions.create(**body), policy, rng,
-                                              sink.stats.calls)
+      result = await limits.call_with_retries(lambda: create(client, body), policy, rng, sink.stats.calls)
       if isinstance(result, limits.Failure):
         sink.add([], failure_records(job, params, result))
         continue
-      completion = result.model_dump()
+      completion = result.json()
       recs = records(completion, job, params)
       fails = []
       if len(recs) < len(job.samples):  # The server returned fewer choices than asked for.
@@ -191,7 +209,7 @@ async def collect(client, jobs: list[Job], params: dict, sink: Sink, *, concurre
         fails = failure_records(job, params, short, range(len(recs), len(job.samples)))
       sink.add(recs, fails, completion.get("usage"))
 
-  tasks = [asyncio.ensure_future(worker()) for _ in range(max(1, min(concurrency, len(jobs))))]
+  tasks = [asyncio.ensure_future(worker(k)) for k in range(n_workers)]
   try:
     await asyncio.gather(*tasks)
   finally:

@@ -88,6 +88,22 @@ class FaultMiddleware:
     return await self.app(scope, receive, send)
 
 
+class BearerAuth:
+  """Raw ASGI middleware (Starlette's BaseHTTPMiddleware costs ~1 ms a request): every /v1 route
+  requires `Authorization: Bearer <api_key>`."""
+
+  def __init__(self, app, api_key: str):
+    self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+  async def __call__(self, scope, receive, send):
+    if scope["type"] == "http" and scope["path"].startswith("/v1"):
+      given = dict(scope["headers"]).get(b"authorization", b"")
+      if not hmac.compare_digest(given, self.expected):
+        e = APIError(401, "Incorrect API key provided.", "invalid_request_error", code="invalid_api_key")
+        return await _error_response(e)(scope, receive, send)
+    return await self.app(scope, receive, send)
+
+
 def _param(body: dict, key: str, kind, default, lo=None, hi=None):
   v = body.get(key, default)
   if v is None:
@@ -176,15 +192,6 @@ def create_app(backend, *, api_key: str | None = None, faults: Faults | None = N
   async def _api_error(_request: Request, e: APIError):
     return _error_response(e)
 
-  @app.middleware("http")
-  async def _auth(request: Request, call_next):
-    if api_key and request.url.path.startswith("/v1"):
-      given = request.headers.get("authorization", "")
-      if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-        return _error_response(APIError(401, "Incorrect API key provided.", "invalid_request_error",
-                                        code="invalid_api_key"))
-    return await call_next(request)
-
   @app.get("/v1/models")
   async def _models():
     return {"object": "list", "data": [{"id": backend.model_name, "object": "model", "created": 0,
@@ -196,9 +203,11 @@ def create_app(backend, *, api_key: str | None = None, faults: Faults | None = N
       body = await request.json()
     except ValueError:
       raise APIError(400, "The request body is not valid JSON.") from None
-    return await chat_completion(backend, body, max_context)
+    # A JSONResponse directly: FastAPI's jsonable_encoder walk would cost more than the backend.
+    return JSONResponse(await chat_completion(backend, body, max_context))
 
   app.include_router(batches.router(backend, max_context, batch_concurrency))
+  asgi = BearerAuth(app, api_key) if api_key else app
   if faults and (faults.error_rate or faults.drop_rate or faults.latency_s):
-    return FaultMiddleware(app, faults)
-  return app
+    asgi = FaultMiddleware(asgi, faults)
+  return asgi

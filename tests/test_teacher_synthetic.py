@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from proxykd.teacher import problems, synthetic
+from proxykd.teacher import backend, problems, synthetic
 
 
 def test_train_and_heldout_are_disjoint_and_deterministic():
@@ -55,9 +55,9 @@ def test_temperature_zero_is_greedy_and_truncation():
   b = synthetic.respond(q, temperature=0.0, rng=random.Random(2))
   assert [t.text for t in a] == [t.text for t in b]
   assert "".join(t.text for t in a).startswith(synthetic.OPENERS[0])
-  c = synthetic.truncate(a, 3, [])
+  c = backend.truncate(a, 3, [])
   assert (len(c.tokens), c.finish_reason) == (3, "length")
-  d = synthetic.truncate(a, None, ["####"])
+  d = backend.truncate(a, None, ["####"])
   assert d.text == "".join(t.text for t in a).split("####")[0] and d.finish_reason == "stop"
 
 

@@ -5,9 +5,8 @@ max_completion_tokens, n, seed, stop, logprobs/top_logprobs; usage in OpenAI's s
 /v1/files + /v1/batches subset of proxykd/teacher/batches.py. Errors use OpenAI's body
 `{"error": {"message", "type", "param", "code"}}`.
 
-A backend has `model_name`, `count_tokens(messages) -> int` and
-`async complete(messages, *, n, temperature, top_p, max_tokens, seed, stop, top_logprobs) -> [Choice]`
-(see proxykd/teacher/synthetic.py). Fault injection (tests, benchmarks) acts on chat completions
+Backends (proxykd/teacher/backend.py): the synthetic teacher (synthetic.py) and our models
+(model_backend.py). Fault injection (tests, benchmarks) acts on chat completions
 only: added latency (an async sleep, so concurrent requests overlap), an error rate mixing 429 (with
 retry-after-ms) and 500, and a rate of connections dropped before the response completes.
 """

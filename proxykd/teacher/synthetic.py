@@ -12,12 +12,12 @@ Prompts it does not recognise get a naive answer: the sum of the numbers in the 
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 import re
 
 from proxykd.teacher import problems
+from proxykd.teacher.backend import Choice, Token, truncate
 
 MODEL_NAME = "synthetic-gsm"
 _TOKEN = re.compile(r"\n|[^\S\n]*\S+|[^\S\n]+")
@@ -28,23 +28,6 @@ WEIGHTS = (0.6, 0.25, 0.15)
 
 def tokenize(text: str) -> list[str]:
   return _TOKEN.findall(text)
-
-
-@dataclasses.dataclass
-class Token:
-  text: str
-  logprob: float
-  top: list[tuple[str, float]]  # the most likely tokens at this position, best first
-
-
-@dataclasses.dataclass
-class Choice:
-  tokens: list[Token]
-  finish_reason: str
-
-  @property
-  def text(self) -> str:
-    return "".join(t.text for t in self.tokens)
 
 
 def _segments(question: str) -> list[tuple[str, ...]]:
@@ -111,24 +94,6 @@ def respond(question: str, *, temperature: float = 1.0, top_p: float = 1.0, rng:
     chosen = rng.choices(range(len(seg)), weights=probs)[0]
     tokens += _segment_tokens([tokenize(p) for p in seg], weights, chosen, max(top_logprobs, 1))
   return tokens
-
-
-def truncate(tokens: list[Token], max_tokens: int | None, stop: list[str]) -> Choice:
-  """Apply OpenAI's `stop` (cut before the first stop string) and `max_tokens` (finish 'length')."""
-  text = "".join(t.text for t in tokens)
-  cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
-  finish = "stop"
-  if cut >= 0:
-    kept, pos = [], 0
-    for t in tokens:
-      if pos >= cut:
-        break
-      kept.append(dataclasses.replace(t, text=t.text[:cut - pos]) if pos + len(t.text) > cut else t)
-      pos += len(t.text)
-    tokens = kept
-  if max_tokens is not None and len(tokens) > max_tokens:
-    tokens, finish = tokens[:max_tokens], "length"
-  return Choice(tokens, finish)
 
 
 def last_user_text(messages: list[dict]) -> str:

@@ -80,7 +80,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule,
       (loss, grads, aux), _ = jax.lax.scan(
           body, (jnp.zeros((), jnp.float32), zeros, aux_init),
           (_micro_batches(batch, grad_accum), jnp.arange(grad_accum)))
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     if trainable is None:
       params = optax.apply_updates(state.params, updates)

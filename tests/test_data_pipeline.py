@@ -1,0 +1,146 @@
+"""Split, tokenisation with the chat template, truncation, packing and the batch iterator."""
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+import sft_fixtures
+from proxykd import losses, runner
+from proxykd.data import batches, packing, pipeline, split, tokenize
+from proxykd.models.config import preset
+from proxykd.models.transformer import Transformer, init_params, lm_head_kernel
+from proxykd.stages import proxy_sft
+
+
+@pytest.fixture(scope="module")
+def records():
+  return sft_fixtures.synthetic_records(60)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(records, tmp_path_factory):
+  return sft_fixtures.demo_tokenizer(tmp_path_factory.mktemp("tok"), records)
+
+
+def test_split_is_deterministic_by_id_with_configured_fractions():
+  cfg = split.default_config()
+  recs = [{"id": f"r{i}"} for i in range(20000)]
+  parts = split.split_records(recs, cfg)
+  sizes = {k: len(v) / len(recs) for k, v in parts.items()}
+  assert abs(sizes["heldout"] - 0.01) < 0.004
+  for name, frac in (("warmup", 0.1), ("align", 0.45), ("distill", 0.45)):
+    assert abs(sizes[name] - frac * 0.99) < 0.015, sizes
+  # Order and corpus growth do not move a record.
+  again = split.split_records(list(reversed(recs[:5000])), cfg)
+  for name, members in again.items():
+    assert {r["id"] for r in members} <= {r["id"] for r in parts[name]}
+  cfg.update(warmup=0.5, align=0.25, distill=0.25, heldout=0.0)
+  assert abs(len(split.split_records(recs, cfg)["warmup"]) / len(recs) - 0.5) < 0.02
+  cfg.warmup = 0.6
+  with pytest.raises(ValueError, match="must sum to 1"):
+    split.split_records(recs, cfg)
+
+
+def test_prompt_is_masked_and_response_trained(records, tokenizer):
+  ex = tokenize.tokenize(records[:3], tokenizer)
+  for rec, e in zip(records, ex):
+    prompt = tokenizer.apply_chat_template(rec["messages"], add_generation_prompt=True,
+                                           tokenize=False)
+    n_prompt = int(np.argmax(e.loss_mask))
+    assert not e.loss_mask[:n_prompt].any() and e.loss_mask[n_prompt:].all()
+    assert tokenizer.decode(e.ids[:n_prompt]) == prompt
+    assert tokenizer.decode(e.ids[n_prompt:]) == rec["response"] + "<|eot_id|>"
+
+
+def test_truncation_policies_and_counts(records, tokenizer):
+  ex = tokenize.tokenize(records, tokenizer)
+  lengths = np.array([len(e.ids) for e in ex])
+  limit = int(np.median(lengths))
+  too_long = int((lengths > limit).sum())
+  kept, stats = tokenize.truncate(ex, limit, "drop")
+  assert stats.dropped == too_long and stats.truncated == 0 and len(kept) == len(ex) - too_long
+  kept, stats = tokenize.truncate(ex, limit, "truncate_response")
+  assert stats.truncated + stats.dropped == too_long and stats.total == len(ex)
+  assert all(len(e.ids) <= limit for e in kept)
+  long_ex = next(e for e in ex if len(e.ids) > limit)
+  cut = next(k for k in kept if k.id == long_ex.id)
+  np.testing.assert_array_equal(cut.ids, long_ex.ids[:limit])  # The end was cut.
+  kept, stats = tokenize.truncate(ex, limit, "truncate_prompt")
+  cut = next(k for k in kept if k.id == long_ex.id)
+  np.testing.assert_array_equal(cut.ids, long_ex.ids[-limit:])  # The prompt's start was cut.
+  assert cut.loss_mask.sum() == long_ex.loss_mask.sum()
+  with pytest.raises(ValueError, match="config.data.truncation"):
+    tokenize.truncate(ex, limit, "middle")
+
+
+def test_packing_leaks_no_attention_and_prompt_tokens_get_no_loss(records, tokenizer):
+  cfg = preset("tiny")
+  ex = tokenize.tokenize(records[:12], tokenizer)
+  rows = packing.pack(ex, 200)
+  assert rows["segment_ids"].max() >= 3  # Several documents per row.
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  model = Transformer(cfg)
+  packed = model.apply({"params": params}, rows["inputs"], rows["positions"], rows["segment_ids"])
+  at = {}
+  for r in range(len(rows["inputs"])):
+    for seg in range(1, rows["segment_ids"][r].max() + 1):
+      at[len(at)] = (r, np.flatnonzero(rows["segment_ids"][r] == seg))
+  for d, e in enumerate(ex):  # Document d alone, unpacked, gives the same logits.
+    r, cols = at[d]
+    alone = model.apply({"params": params}, e.ids[None, :-1])
+    np.testing.assert_allclose(packed[r, cols], alone[0], atol=2e-5)
+    np.testing.assert_array_equal(rows["targets"][r, cols], e.ids[1:])
+    np.testing.assert_array_equal(rows["loss_mask"][r, cols], e.loss_mask[1:])
+  assert not rows["loss_mask"][rows["segment_ids"] == 0].any()  # Padding has no loss.
+
+  hidden = model.apply({"params": params}, rows["inputs"], rows["positions"], rows["segment_ids"],
+                       return_hidden=True)
+  kernel = lm_head_kernel(params, cfg)
+  nll = lambda t: losses.nll(hidden, kernel, jnp.asarray(t), rows["loss_mask"], 32)
+  base = nll(rows["targets"])
+  prompt_changed = np.where(rows["loss_mask"] == 0, (rows["targets"] + 1) % 512, rows["targets"])
+  assert float(nll(prompt_changed)) == float(base)
+  response_changed = np.where(rows["loss_mask"] == 1, (rows["targets"] + 1) % 512, rows["targets"])
+  assert float(nll(response_changed)) != float(base)
+
+
+def test_batches_are_deterministic_resumable_and_sharded_per_host(records, tokenizer):
+  rows, _ = pipeline.build_rows(records, tokenizer, 64, "truncate_response", seed=3)
+  n = len(rows["inputs"])
+  it = batches.BatchIterator(rows, 4, seed=3, process_index=0, process_count=1)
+  first = [it.next_local()["inputs"] for _ in range(2 * n // 4 + 1)]  # Over two epochs.
+  seen = np.concatenate(first)[:n]
+  assert sorted(map(bytes, seen)) == sorted(map(bytes, rows["inputs"]))  # An epoch = all rows.
+  state = it.state()
+  expected_next = it.next_local()["inputs"]
+  again = batches.BatchIterator(rows, 4, seed=3, process_index=0, process_count=1)
+  again.restore(json.loads(json.dumps(state)))
+  np.testing.assert_array_equal(again.next_local()["inputs"], expected_next)
+  hosts = [batches.BatchIterator(rows, 4, seed=3, process_index=h, process_count=2)
+           for h in range(2)]
+  for h in hosts:
+    h.restore(state)
+  np.testing.assert_array_equal(
+      np.concatenate([h.next_local()["inputs"] for h in hosts]), expected_next)
+  other = batches.BatchIterator(rows, 4, seed=4)
+  assert not np.array_equal(other.next_local()["inputs"], first[0])
+  with pytest.raises(ValueError, match="seed 3, but the data now has .* seed 4"):
+    other.restore(state)
+
+
+def test_malformed_corpus_line_names_file_and_line(records, tmp_path):
+  path = sft_fixtures.write_corpus(tmp_path / "corpus.jsonl", records[:5])
+  lines = path.read_text().splitlines()
+  lines[2] = lines[2][:-1]  # Line 3 is cut short: not valid JSON.
+  path.write_text("\n".join(lines) + "\n")
+  config = ml_collections.ConfigDict(dict(corpus=str(path), split=split.default_config(),
+                                          split_name="all"))
+  with pytest.raises(runner.UserError, match=rf"{path}:3: not valid JSON"):
+    proxy_sft.load_split(config, tmp_path)
+  lines[2] = json.dumps({**records[2], "response": 7})
+  path.write_text("\n".join(lines) + "\n")
+  with pytest.raises(runner.UserError, match=rf"{path}:3: `response` must be a string"):
+    proxy_sft.load_split(config, tmp_path)

@@ -24,7 +24,7 @@ def make_config(url, n_prompts=40, **teacher):
 
 def expected_ids(c, prompts):
   params = collector.teacher_params(c.teacher)
-  jobs, _ = collector.plan(prompts, params, c.teacher.n, c.teacher.system_prompt, set())
+  jobs, _, _ = collector.plan(prompts, params, c.teacher.n, c.teacher.system_prompt, set())
   return {i for j in jobs for i in j.ids}
 
 
@@ -42,6 +42,7 @@ def test_200_prompts_with_20pct_failures_all_collected_once(flaky_url, tmp_path)
   c.prompts.source = "file"
   rows = [{"question": p.question, "answer": p.answer} for p in problems.generate(200, "train", seed=0)]
   rows.append({"question": "word " * 400, "answer": 0})  # Too long: a permanent 400.
+  rows.append(rows[7])  # A repeated prompt is asked once.
   path = tmp_path / "prompts.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
   c.prompts.update(path=str(path), meta_fields="answer")
@@ -57,7 +58,7 @@ def test_200_prompts_with_20pct_failures_all_collected_once(flaky_url, tmp_path)
   assert summary["errors"]["400"] == 1  # Permanent: asked once, never retried.
   # A rerun asks only for what is missing: the failed prompt, again refused.
   again = collect.run(c, str(tmp_path / "wd"))
-  assert (again["already_present"], again["collected"], again["failed"]) == (200, 0, 1)
+  assert (again["already_present"], again["collected"], again["failed"], again["samples_total"]) == (200, 0, 1, 201)
   assert KEY not in "".join(p.read_text() for p in out.rglob("*") if p.is_file())
 
 
@@ -83,7 +84,7 @@ def test_batch_mode_end_to_end_and_resumable(flaky_url, tmp_path):
   # A run that dies right after creating its batch: the restart polls that batch, creates none.
   prompts = collect.prompts_lib.load_prompts(c.prompts)
   params = collector.teacher_params(c.teacher)
-  jobs, _ = collector.plan(prompts, params, 2, c.teacher.system_prompt, set())
+  jobs, _, _ = collector.plan(prompts, params, 2, c.teacher.system_prompt, set())
   out = os.path.join(wd, "collect")
   os.makedirs(out)
 

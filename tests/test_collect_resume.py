@@ -50,7 +50,7 @@ def test_kill_9_and_resume(tmp_path):
   recs = list(corpus.read_corpus(path))  # Raises on a duplicate id or a bad line.
   c = collect_config.get_config()
   c.prompts.num, c.teacher.max_tokens = N, 128
-  jobs, _ = collector.plan(prompts_lib.load_prompts(c.prompts), collector.teacher_params(c.teacher), 1,
+  jobs, _, _ = collector.plan(prompts_lib.load_prompts(c.prompts), collector.teacher_params(c.teacher), 1,
                            c.teacher.system_prompt, set())
   assert sorted(r["id"] for r in recs) == sorted(i for j in jobs for i in j.ids)
   assert path.read_text().startswith(first)  # Append-only: the first run's lines are untouched.

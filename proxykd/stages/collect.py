@@ -55,9 +55,12 @@ async def _run(config, base_url: str, key: str, collect_dir: str, out_path: str,
   client = openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=t.timeout_s)
   params = collector.teacher_params(t)
   present = corpus.corpus_ids(out_path)
-  jobs, already = collector.plan(all_prompts, params, t.n, t.system_prompt, present)
+  jobs, already, total = collector.plan(all_prompts, params, t.n, t.system_prompt, present)
+  if total < len(all_prompts) * t.n:
+    logging.warning("collect: %d prompts are repeats of earlier ones; each is asked once",
+                    len(all_prompts) - total // t.n)
   discount = config.pricing.batch_discount if config.batch.enabled else 1.0
-  stats = collector.Stats(total=len(all_prompts) * t.n, already=already,
+  stats = collector.Stats(total=total, already=already,
                           price_in=config.pricing.input_per_1m * discount,
                           price_out=config.pricing.output_per_1m * discount)
   policy = limits.RetryPolicy(config.limits.max_retries, config.limits.backoff_base_s, config.limits.backoff_max_s,
@@ -105,7 +108,7 @@ def run(config, workdir):
   with contextlib.ExitStack() as stack:
     if t.base_url == "local":
       base_url, key = stack.enter_context(
-          LocalTeacher(config.local, workdir, os.path.join(collect_dir, "local_teacher.log")))
+          LocalTeacher(config.local, workdir, os.path.join(collect_dir, "local_teacher.log"), t.model))
     else:
       base_url, key = t.base_url, _api_key(t)
     summary = asyncio.run(_run(config, base_url, key, collect_dir, out_path, all_prompts))

@@ -45,17 +45,24 @@ def with_system(messages: list[dict], system_prompt: str) -> list[dict]:
   return [{"role": "system", "content": system_prompt}] + messages
 
 
-def plan(prompts: list[dict], params: dict, n: int, system_prompt: str, present: set[str]) -> tuple[list[Job], int]:
-  """Jobs for the samples not in `present`, and how many samples were already there."""
-  jobs, already = [], 0
+def plan(prompts: list[dict], params: dict, n: int, system_prompt: str,
+         present: set[str]) -> tuple[list[Job], int, int]:
+  """(jobs for the samples not in `present`, how many were already there, distinct samples wanted).
+
+  A prompt repeated in the source has the same ids: it is asked for once.
+  """
+  jobs, already, seen = [], 0, set()
   for p in prompts:
     msgs = with_system(p["messages"], system_prompt)
     ids = [corpus.record_id(msgs, params, i) for i in range(n)]
+    if ids[0] in seen:
+      continue
+    seen.add(ids[0])
     missing = [i for i in range(n) if ids[i] not in present]
     already += n - len(missing)
     if missing:
       jobs.append(Job(msgs, p.get("meta", {}), missing, [ids[i] for i in missing]))
-  return jobs, already
+  return jobs, already, len(seen) * n
 
 
 def request_body(params: dict, messages: list[dict], n: int, max_tokens_key: str = "max_tokens") -> dict:
@@ -201,7 +208,12 @@ async def collect(client, jobs: list[Job], params: dict, sink: Sink, *, concurre
       if isinstance(result, limits.Failure):
         sink.add([], failure_records(job, params, result))
         continue
-      completion = result.json()
+      try:
+        completion = result.json()
+      except ValueError:
+        bad = limits.Failure(result.status_code, "InvalidJSON", f"the reply is not JSON: {result.text[:200]!r}")
+        sink.add([], failure_records(job, params, bad))
+        continue
       recs = records(completion, job, params)
       fails = []
       if len(recs) < len(job.samples):  # The server returned fewer choices than asked for.

@@ -23,8 +23,8 @@ TOKEN_ENV = "PROXYKD_LOCAL_TEACHER_TOKEN"
 class LocalTeacher:
   """`with LocalTeacher(local_cfg, workdir, log_path) as (base_url, token):`"""
 
-  def __init__(self, local, workdir: str, log_path: str):
-    self.local, self.workdir, self.log_path = local, workdir, log_path
+  def __init__(self, local, workdir: str, log_path: str, model_name: str = ""):
+    self.local, self.workdir, self.log_path, self.model_name = local, workdir, log_path, model_name
     self.token = secrets.token_urlsafe(24)
     self.proc: subprocess.Popen | None = None
 
@@ -35,6 +35,8 @@ class LocalTeacher:
             f"--config.parent_pid={os.getpid()}", f"--config.backend={loc.backend}",
             f"--config.faults.latency_s={loc.latency_s}", f"--config.faults.error_rate={loc.error_rate}",
             f"--config.faults.drop_rate={loc.drop_rate}", f"--config.faults.seed={loc.seed}"]
+    if self.model_name:  # Serve under the name the collector asks for.
+      args.append(f"--config.model_name={self.model_name}")
     for key in ("hf_dir", "checkpoint", "tokenizer"):
       if loc[key]:
         args.append(f"--config.{key}={loc[key]}")

@@ -52,6 +52,7 @@ def get_config(arg=None):
       concurrency=32, rpm=0, tpm=0,  # 0: unlimited
       ramp_up_s=0.25,  # start the concurrent workers spread over this many seconds
       max_retries=8, backoff_base_s=0.5, backoff_max_s=30.0, retry_after_max_s=120.0,
+      max_consecutive_failures=100,  # stop when this many requests in a row failed for good (0: never)
       sync_every=8))  # fsync the corpus every this many records
 
   c.pricing = ml_collections.ConfigDict(dict(input_per_1m=0.0, output_per_1m=0.0, batch_discount=0.5))

@@ -140,3 +140,16 @@ def test_wrong_key_stops_the_run(flaky_url, tmp_path, monkeypatch):
   c = make_config(flaky_url, n_prompts=4)
   with pytest.raises(collect.limits.FatalAPIError, match="401"):
     collect.run(c, str(tmp_path))
+
+
+def test_dead_endpoint_stops_after_consecutive_failures(tmp_path, monkeypatch):
+  monkeypatch.setenv("PROXYKD_TEST_KEY", KEY)
+  sock = serving.bind()
+  url = serving.base_url(sock)
+  sock.close()  # Nothing listens there: every connection is refused.
+  c = make_config(url, n_prompts=40)
+  c.limits.update(max_retries=1, max_consecutive_failures=5, concurrency=1)
+  with pytest.raises(collect.limits.FatalAPIError, match="5 requests in a row failed.*APIConnectionError"):
+    collect.run(c, str(tmp_path))
+  fails = list(corpus.read_failures(tmp_path / "collect" / corpus.FAILED_FILENAME))
+  assert len(fails) == 5 and fails[0]["error"]["message"].startswith("gave up after 2 attempts")

@@ -80,7 +80,8 @@ async def _run(config, base_url: str, key: str, collect_dir: str, out_path: str,
       else:
         await collector.collect(client, jobs, params, sink, concurrency=config.limits.concurrency,
                                 limiter=limits.RateLimiter(config.limits.rpm, config.limits.tpm), policy=policy,
-                                max_tokens_key=t.max_tokens_key, ramp_up_s=config.limits.ramp_up_s)
+                                max_tokens_key=t.max_tokens_key, ramp_up_s=config.limits.ramp_up_s,
+                                max_consecutive_failures=config.limits.max_consecutive_failures)
     finally:
       progress.close()
       await client.close()

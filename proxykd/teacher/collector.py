@@ -187,15 +187,25 @@ async def create(client, body: dict):
 
 async def collect(client, jobs: list[Job], params: dict, sink: Sink, *, concurrency: int,
                   limiter: limits.RateLimiter, policy: limits.RetryPolicy, max_tokens_key: str = "max_tokens",
-                  ramp_up_s: float = 0.0, seed: int = 0) -> None:
+                  ramp_up_s: float = 0.0, max_consecutive_failures: int = 0, seed: int = 0) -> None:
   """Run `jobs` against `client` (an openai.AsyncOpenAI with max_retries=0) into `sink`.
 
   The workers start spread over `ramp_up_s`: started together they would stay in lock-step bursts
   (every reply of a fixed-latency server arriving at once), each burst queueing on the CPU.
+  `max_consecutive_failures` (> 0) stops the run when that many requests in a row failed for good:
+  an endpoint that is down should not turn the whole prompt set into failed.jsonl lines.
   """
   it = iter(jobs)
   rng = random.Random(seed)
   n_workers = max(1, min(concurrency, len(jobs)))
+  streak = [0]
+
+  def failed(job: Job, failure: limits.Failure, sample_range=None) -> None:
+    sink.add([], failure_records(job, params, failure, sample_range))
+    streak[0] += 1
+    if 0 < max_consecutive_failures <= streak[0]:
+      raise limits.FatalAPIError(f"{streak[0]} requests in a row failed; the last: {failure.status_code} "
+                                 f"{failure.type}: {failure.message} (limits.max_consecutive_failures)")
 
   async def worker(k: int):
     await asyncio.sleep(ramp_up_s * k / n_workers)
@@ -206,20 +216,19 @@ async def collect(client, jobs: list[Job], params: dict, sink: Sink, *, concurre
       sink.stats.requests += 1
       result = await limits.call_with_retries(lambda: create(client, body), policy, rng, sink.stats.calls)
       if isinstance(result, limits.Failure):
-        sink.add([], failure_records(job, params, result))
+        failed(job, result)
         continue
       try:
         completion = result.json()
       except ValueError:
-        bad = limits.Failure(result.status_code, "InvalidJSON", f"the reply is not JSON: {result.text[:200]!r}")
-        sink.add([], failure_records(job, params, bad))
+        failed(job, limits.Failure(result.status_code, "InvalidJSON", f"the reply is not JSON: {result.text[:200]!r}"))
         continue
       recs = records(completion, job, params)
-      fails = []
+      streak[0] = 0
+      sink.add(recs, [], completion.get("usage"))
       if len(recs) < len(job.samples):  # The server returned fewer choices than asked for.
-        short = limits.Failure(200, "MissingChoices", f"asked for n={len(job.samples)}, got {len(recs)} choices")
-        fails = failure_records(job, params, short, range(len(recs), len(job.samples)))
-      sink.add(recs, fails, completion.get("usage"))
+        failed(job, limits.Failure(200, "MissingChoices", f"asked for n={len(job.samples)}, got {len(recs)} choices"),
+               range(len(recs), len(job.samples)))
 
   tasks = [asyncio.ensure_future(worker(k)) for k in range(n_workers)]
   try:

@@ -3,7 +3,8 @@
 Retried: 408, 409, 429 and 5xx responses, timeouts and dropped connections, waiting the server's
 retry-after-ms / retry-after when it sends one, else exponential backoff with jitter. Refused for
 good: every other 4xx, returned as a `Failure` with the server's message. 401/403 (a bad key) and
-404 (unknown model or route) would fail every request alike, so they stop the run (`FatalAPIError`).
+404 (unknown model or route) would fail every request alike, so they stop the run (`FatalAPIError`),
+as does a 429 whose code is `insufficient_quota` (billing, not load).
 """
 from __future__ import annotations
 
@@ -110,7 +111,7 @@ def classify(e: Exception) -> tuple[bool, float | None, Failure]:
   if isinstance(e, openai.APIStatusError):
     status = e.status_code
     failure = Failure(status, type(e).__name__, server_message(e))
-    if status in FATAL_STATUS:
+    if status in FATAL_STATUS or getattr(e, "code", None) == "insufficient_quota":  # (a 429 that never clears)
       raise FatalAPIError(f"the teacher endpoint answered {status} ({type(e).__name__}): {failure.message} "
                           "— check teacher.base_url, teacher.model and the key in the variable named by "
                           "teacher.api_key_env") from None

@@ -22,7 +22,8 @@ import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 
 @dataclasses.dataclass
@@ -202,6 +203,8 @@ def create_app(backend, *, api_key: str | None = None, faults: Faults | None = N
       body = await request.json()
     except ValueError:
       raise APIError(400, "The request body is not valid JSON.") from None
+    except ClientDisconnect:  # The client went away mid-request: nobody to answer.
+      return Response(status_code=499)
     # A JSONResponse directly: FastAPI's jsonable_encoder walk would cost more than the backend.
     return JSONResponse(await chat_completion(backend, body, max_context))
 

@@ -72,7 +72,7 @@ class BatchRunner:
     in_flight = set()
     for b in self.state["batches"]:
       if not b["merged"]:
-        in_flight |= _request_ids(b["request_file"])
+        in_flight |= _request_ids(os.path.join(self.dir, b["request_file"]))
     todo = [i for i in jobs if i not in in_flight]
     for start in range(0, len(todo), self.cfg.max_requests):
       chunk = todo[start:start + self.cfg.max_requests]
@@ -89,7 +89,8 @@ class BatchRunner:
       batch = await self._call(lambda: self.client.batches.create(
           input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window=self.cfg.completion_window,
           metadata={"source": "proxykd collect"}))
-      self.state["batches"].append({"id": batch.id, "input_file_id": upload.id, "request_file": path,
+      self.state["batches"].append({"id": batch.id, "input_file_id": upload.id,
+                                    "request_file": os.path.basename(path),  # relative: the workdir may move
                                     "num_requests": len(chunk), "status": batch.status, "merged": False})
       save_state(self.dir, self.state)
       self.sink.stats.requests += len(chunk)

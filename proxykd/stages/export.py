@@ -6,7 +6,6 @@ from etils import epath
 
 from proxykd import runner
 from proxykd.models import hf_io
-from proxykd.models.config import ModelConfig
 from proxykd.train import checkpoint
 
 
@@ -16,13 +15,9 @@ def run(config, workdir):
   if config.dtype not in ("float32", "bfloat16", "float16"):
     raise runner.UserError(f"export: config.dtype={config.dtype!r} must be float32, bfloat16 or float16")
   try:
-    params, meta = checkpoint.restore_params(config.checkpoint)
+    params, cfg, meta = checkpoint.restore_for_inference(config.checkpoint)
   except FileNotFoundError as e:
     raise runner.UserError(f"export: config.checkpoint: {e}") from None
-  cfg = ModelConfig.from_dict(meta["model"])
-  if cfg.lora_rank:
-    from proxykd.train import lora  # pylint: disable=g-import-not-at-top
-    params, cfg = lora.merge(params, cfg)
   output = epath.Path(config.output or runner.stage_dir(workdir, "export") / "hf")
   tokenizer = config.tokenizer or meta.get("tokenizer") or None
   hf_io.export_hf(params, cfg, output, tokenizer_dir=tokenizer, dtype=config.dtype,

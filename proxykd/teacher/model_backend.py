@@ -36,16 +36,11 @@ class ModelBackend:
       params, cfg = hf_io.load_hf(config.hf_dir)
       tok_dir, name = config.tokenizer or config.hf_dir, os.path.basename(os.path.normpath(config.hf_dir))
     else:
-      from proxykd.models.config import ModelConfig  # pylint: disable=import-outside-toplevel
       from proxykd.train import checkpoint  # pylint: disable=import-outside-toplevel
       try:
-        params, meta = checkpoint.restore_params(config.checkpoint)
+        params, cfg, meta = checkpoint.restore_for_inference(config.checkpoint)
       except FileNotFoundError as e:
         raise runner.UserError(f"serve_teacher: checkpoint: {e}") from None
-      cfg = ModelConfig.from_dict(meta["model"])
-      if cfg.lora_rank:
-        from proxykd.train import lora  # pylint: disable=import-outside-toplevel
-        params, cfg = lora.merge(params, cfg)
       tok_dir, name = config.tokenizer or meta.get("tokenizer"), "proxykd-checkpoint"
       if not tok_dir:
         raise runner.UserError("serve_teacher: the checkpoint records no tokenizer; set --config.tokenizer=DIR")

@@ -64,3 +64,13 @@ def restore_params(path: epath.PathLike, shardings=None):
   with ocp.CheckpointManager(root) as mngr:
     restored = mngr.restore(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(target)}))
   return restored[PARAMS], meta
+
+
+def restore_for_inference(path: epath.PathLike, shardings=None):
+  """-> (params with any LoRA adapters merged, ModelConfig without LoRA, meta)."""
+  params, meta = restore_params(path, shardings)
+  cfg = ModelConfig.from_dict(meta["model"])
+  if cfg.lora_rank:
+    from proxykd.train import lora  # pylint: disable=g-import-not-at-top
+    params, cfg = lora.merge(params, cfg)
+  return params, cfg, meta

@@ -24,9 +24,17 @@ _MULTIHOST = flags.DEFINE_bool(
     "JAX_NUM_PROCESSES and JAX_PROCESS_ID; see launch/README.md.")
 
 
+class _QuietLibraries(logging.logging.Filter):
+  """Keep our INFO lines; drop the per-save chatter of orbax below WARNING."""
+
+  def filter(self, record):
+    return record.levelno >= logging.logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/student_kd.py")

@@ -20,7 +20,7 @@ def get_config(arg=None):
   config.stage = "proxy_sft"
   config.corpus = ""  # Teacher corpus (JSON lines); default <workdir>/collect/corpus.jsonl.
   config.split_name = "warmup"  # Which split to train on: warmup (D_w) | align | distill | all.
-  # Tokenizer directory; default: init_from, else <workdir>/collect/tokenizer, else <workdir>/tokenizer.
+  # Tokenizer directory; default: init_from, else <workdir>/collect/tokenizer, else <workdir>/tokenizer/hf.
   config.tokenizer = ""
   config.init_from = ""  # An HF model directory to start from; empty: random init of config.model.
   config.model = common.model_config(arg.model)  # With init_from only dtype/remat/lora_* apply.

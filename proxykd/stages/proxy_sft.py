@@ -13,6 +13,7 @@ from proxykd import runner
 from proxykd.data import corpus, split
 from proxykd.models import hf_io
 from proxykd.models.tokenizer import load_tokenizer
+from proxykd.stages import tokenizer as tokenizer_stage
 from proxykd.train import lora
 from proxykd.train.sft import train_sft
 
@@ -21,7 +22,7 @@ STAGE = "proxy_sft"
 
 def tokenizer_dir(config, workdir) -> epath.Path:
   candidates = [config.tokenizer, config.init_from,
-                epath.Path(workdir) / "collect" / "tokenizer", epath.Path(workdir) / "tokenizer"]
+                epath.Path(workdir) / "collect" / "tokenizer", tokenizer_stage.output_dir(workdir)]
   for c in candidates:
     if c and (epath.Path(c) / "tokenizer_config.json").exists():
       return epath.Path(c)

@@ -34,7 +34,7 @@ class ModelConfig:
   tie_word_embeddings: bool = False
   qkv_bias: bool = False  # Qwen2: biases on q/k/v projections (not on o).
   model_type: str = "llama"  # The HF family written on export.
-  dtype: str = "float32"  # Compute dtype (activations, matmuls).
+  dtype: str = "auto"  # Compute dtype; auto = float32 on CPU, bfloat16 on GPU/TPU.
   param_dtype: str = "float32"  # Storage dtype of the parameters.
   remat: str = "none"  # Per-layer rematerialisation: none | full | dots (save matmul outputs).
   initializer_range: float = 0.02
@@ -51,6 +51,9 @@ class ModelConfig:
       object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+    for key in ("dtype", "param_dtype"):
+      if getattr(self, key) not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"model.{key}={getattr(self, key)!r}: use auto|float32|bfloat16|float16")
     if self.remat not in ("none", "full", "dots"):
       raise ValueError(f"model.remat must be none|full|dots, got {self.remat!r}")
     bad_targets = sorted(set(self.lora_targets) - set(LORA_TARGETS))

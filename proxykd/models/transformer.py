@@ -26,6 +26,9 @@ _NEG_INF = -1e30
 
 
 def _dtype(name: str):
+  """A dtype by name; "auto" is float32 on CPU and bfloat16 on GPU/TPU."""
+  if name == "auto":
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
   return jnp.dtype(name)
 
 

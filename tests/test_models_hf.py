@@ -118,3 +118,10 @@ def test_sharded_load_places_each_tensor_on_the_mesh(tmp_path):
   """, devices=8)
   assert "ok" in out
   np.testing.assert_array_less(np.abs(np.load(tmp_path / "sharded.npy") - hf_logits(reference, TOKENS)).max(), 1e-4)
+
+
+def test_load_with_fresh_lora_adapters_keeps_the_model(tmp_path):
+  reference = make_hf_model(tmp_path, "llama")
+  ours, params, cfg = _ours(tmp_path, lora_rank=4)
+  assert cfg.lora_rank == 4 and params["layers"]["mlp"]["down"]["lora_a"].shape == (2, 112, 4)
+  np.testing.assert_array_less(np.abs(ours - hf_logits(reference, TOKENS)).max(), 1e-4)

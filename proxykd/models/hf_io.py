@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 
 from proxykd.models import safetensors_io
 from proxykd.models.config import ModelConfig, UnsupportedModelError, from_hf_config, to_hf_config
-from proxykd.models.transformer import abstract_params
+from proxykd.models.transformer import abstract_params, init_params
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja",
@@ -171,7 +171,6 @@ def load_hf(directory: epath.PathLike, shardings=None, **config_overrides):
     _set(params, m.path, jax.make_array_from_callback(target.shape, sharding, read))
   lora = [p for p in flat_abstract if p[-1].startswith("lora_")]
   if lora:  # Fresh adapters (B = 0, so the loaded model is unchanged) on top of the HF weights.
-    from proxykd.models.transformer import init_params  # pylint: disable=g-import-not-at-top
     fresh = init_params(cfg, jax.random.PRNGKey(0), shardings)
     for path in lora:
       _set(params, path, dict(_flatten(fresh))[path])

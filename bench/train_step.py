@@ -1,13 +1,16 @@
 """Benchmark of the SFT train step. Prints one JSON object.
 
 - `mfu`: model FLOP/s of the jitted SFT step (`preset("small")`, ~25M parameters, float32, sequence
-  512) divided by the float32 matmul FLOP/s measured on this machine in the same run. Model FLOPs
+  512) divided by the float32 matmul FLOP/s measured on this machine in the same run. The machine
+  may be shared, so each round times one step between two matmul measurements (mean of several
+  2048^3 matmuls each) and `mfu` is the median over rounds of step FLOP/s / matmul FLOP/s.
+  `mfu_best` divides the fastest step by the fastest matmul instead. Model FLOPs
   per token (PaLM's convention): 6 x (matmul parameters, lm_head included, embedding lookup not)
   + 12 x layers x seq_len x heads x head_dim (attention scores and values, forward + backward).
 - `fsdp8_state_bytes_fraction`: bytes of params + optimizer state on one device of an 8-device
   simulated fsdp mesh, over their bytes on one device (run in a subprocess with 8 CPU devices).
 
-  python bench/train_step.py [--batch 8] [--seq 512] [--steps 5] [--loss_chunk 512]
+  python bench/train_step.py [--batch 8] [--seq 512] [--rounds 5] [--loss_chunk 512]
 """
 from __future__ import annotations
 
@@ -34,20 +37,29 @@ print(json.dumps({"per_device": st.tree_bytes_per_device(tree), "full": full}))
 """
 
 
-def matmul_flops_per_s(n: int = 2048, reps: int = 10) -> float:
-  """Best-of-`reps` float32 matmul throughput (jitted jnp.dot of two n x n matrices)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
-  f = jax.jit(jnp.dot)
-  f(a, b).block_until_ready()
-  best = float("inf")
-  for _ in range(reps):
-    t = time.perf_counter()
-    f(a, b).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2 * n**3 / best
+class Matmul:
+  """float32 matmul throughput: jitted jnp.dot of two n x n matrices."""
+
+  def __init__(self, n: int = 2048):
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    self.n = n
+    self.a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    self.b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    self.f = jax.jit(jnp.dot)
+    self.f(self.a, self.b).block_until_ready()
+    self.best = 0.0
+
+  def flops_per_s(self, reps: int = 8) -> float:
+    """Mean throughput over `reps` matmuls (and the best single one is remembered)."""
+    total = 0.0
+    for _ in range(reps):
+      t = time.perf_counter()
+      self.f(self.a, self.b).block_until_ready()
+      dt = time.perf_counter() - t
+      total += dt
+      self.best = max(self.best, 2 * self.n**3 / dt)
+    return reps * 2 * self.n**3 / total
 
 
 def model_flops_per_token(cfg, seq_len: int) -> float:
@@ -57,8 +69,8 @@ def model_flops_per_token(cfg, seq_len: int) -> float:
   return 6 * matmul_params + 12 * cfg.num_layers * seq_len * cfg.num_heads * d
 
 
-def train_step_seconds(cfg, batch: int, seq: int, steps: int, loss_chunk: int) -> tuple[float, float]:
-  """(best seconds per step, compile seconds) of the real jitted SFT step on one device."""
+def measure(cfg, batch: int, seq: int, rounds: int, loss_chunk: int) -> dict:
+  """Rounds of (matmul, one real jitted SFT step on one device, matmul)."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from proxykd.train import optimizer, sharding as shd, state as st, step as sp  # pylint: disable=g-import-not-at-top
@@ -80,13 +92,21 @@ def train_step_seconds(cfg, batch: int, seq: int, steps: int, loss_chunk: int) -
   data = {k: jax.device_put(v, spec[k].sharding) for k, v in host.items()}
   state, m = compiled(state, data)  # Warm-up.
   jax.block_until_ready(m)
-  best = float("inf")
-  for _ in range(steps):
+  matmul = Matmul()
+  flops = model_flops_per_token(cfg, seq) * batch * seq
+  ratios, steps = [], []
+  for _ in range(rounds):
+    before = matmul.flops_per_s()
     t = time.perf_counter()
     state, m = compiled(state, data)
     jax.block_until_ready(m)
-    best = min(best, time.perf_counter() - t)
-  return best, compile_s
+    steps.append(time.perf_counter() - t)
+    after = matmul.flops_per_s()
+    ratios.append(flops / steps[-1] / ((before + after) / 2))
+  return {"mfu": float(np.median(ratios)), "mfu_best": flops / min(steps) / matmul.best,
+          "step_seconds": float(np.median(steps)), "best_step_seconds": min(steps),
+          "model_flops_per_step": flops, "matmul_best_flops_per_s": matmul.best,
+          "compile_seconds": compile_s}
 
 
 def fsdp8_fraction() -> float:
@@ -102,27 +122,26 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--seq", type=int, default=512)
-  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--loss_chunk", type=int, default=512)
   parser.add_argument("--preset", default="small")
   args = parser.parse_args()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   from proxykd.models.config import preset  # pylint: disable=g-import-not-at-top
   cfg = preset(args.preset, dtype="float32", param_dtype="float32", remat="none")
-  peak_before = matmul_flops_per_s()
-  step_s, compile_s = train_step_seconds(cfg, args.batch, args.seq, args.steps, args.loss_chunk)
-  peak = max(peak_before, matmul_flops_per_s())  # Measured around the step: same conditions.
-  flops = model_flops_per_token(cfg, args.seq) * args.batch * args.seq
+  r = measure(cfg, args.batch, args.seq, args.rounds, args.loss_chunk)
   print(json.dumps({
-      "mfu": round(flops / step_s / peak, 4),
+      "mfu": round(r["mfu"], 4),
       "fsdp8_state_bytes_fraction": round(fsdp8_fraction(), 4),
-      "model_tflops_per_s": round(flops / step_s / 1e12, 4),
-      "matmul_f32_tflops_per_s": round(peak / 1e12, 4),
-      "step_seconds": round(step_s, 4),
-      "tokens_per_s": round(args.batch * args.seq / step_s, 1),
-      "compile_seconds": round(compile_s, 1),
+      "mfu_best": round(r["mfu_best"], 4),
+      "step_seconds": round(r["step_seconds"], 3),
+      "best_step_seconds": round(r["best_step_seconds"], 3),
+      "tokens_per_s": round(args.batch * args.seq / r["step_seconds"], 1),
+      "model_gflop_per_step": round(r["model_flops_per_step"] / 1e9, 1),
+      "matmul_f32_best_gflops": round(r["matmul_best_flops_per_s"] / 1e9, 1),
+      "compile_seconds": round(r["compile_seconds"], 1),
       "preset": args.preset, "params": cfg.num_params, "batch": args.batch, "seq_len": args.seq,
-      "loss_chunk": args.loss_chunk, "dtype": "float32", "remat": "none",
+      "loss_chunk": args.loss_chunk, "rounds": args.rounds, "dtype": "float32", "remat": "none",
   }))
 
 

@@ -2,10 +2,13 @@
 
 The vocabulary can be 128k-152k: no function here materialises more than one chunk of
 [batch, chunk_len, V] float32 logits. The chunks run under `lax.map` with `jax.checkpoint`, so the
-backward pass recomputes each chunk's logits instead of keeping them all.
+backward pass recomputes each chunk's logits instead of keeping them all; `nll` goes further and
+computes its gradients during the forward pass (a custom VJP), so nothing is recomputed.
 Chunks split the sequence axis, never the batch axis, so a batch sharded over devices stays local.
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -50,17 +53,67 @@ def token_logprobs(hidden: Array, kernel: Array, labels: Array, chunk_len: int =
   return _unchunk(out, t)
 
 
-def masked_sum(x: Array, mask: Array) -> Array:
-  return jnp.sum(x * mask.astype(x.dtype))
+def _pad_to(x: Array, t: int) -> Array:
+  pad = t - x.shape[1]
+  return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) if pad else x
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _nll_sum(hidden: Array, kernel: Array, labels: Array, mask: Array, c: int) -> Array:
+  """sum(-log p(label) * mask); T a multiple of c. Differentiable in hidden and kernel."""
+  logp = token_logprobs(hidden, kernel, labels, c)
+  return -jnp.sum(logp * mask.astype(jnp.float32))
+
+
+def _nll_sum_fwd(hidden, kernel, labels, mask, c):
+  """The value and both gradients in one pass over the chunks (no logits recomputed later)."""
+  b, t, _ = hidden.shape
+
+  def chunk(dkernel, args):
+    h, y, m = args
+    logits = jnp.einsum("bce,ev->bcv", h, kernel.astype(h.dtype),
+                        preferred_element_type=jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) == y[..., None]
+    picked = jnp.sum(jnp.where(target, logits, 0.0), axis=-1)
+    m = m.astype(jnp.float32)
+    dlogits = (jnp.exp(logits - lse[..., None]) - target) * m[..., None]  # d(-log p)/d logits
+    dh = jnp.einsum("bcv,ev->bce", dlogits.astype(h.dtype), kernel.astype(h.dtype),
+                    preferred_element_type=jnp.float32).astype(hidden.dtype)
+    dkernel = dkernel + jnp.einsum("bce,bcv->ev", h, dlogits.astype(h.dtype),
+                                   preferred_element_type=jnp.float32)
+    return dkernel, (jnp.sum((lse - picked) * m), dh)
+
+  dkernel, (sums, dh) = jax.lax.scan(
+      chunk, jnp.zeros(kernel.shape, jnp.float32),
+      (_chunks(hidden, c), _chunks(labels.astype(jnp.int32), c), _chunks(mask, c)))
+  n = t // c
+  dh = dh.swapaxes(0, 1).reshape(b, n * c, -1)
+  return jnp.sum(sums), (dh, dkernel.astype(kernel.dtype))
+
+
+def _nll_sum_bwd(c, residuals, g):
+  del c
+  dh, dkernel = residuals
+  return (g * dh).astype(dh.dtype), (g * dkernel).astype(dkernel.dtype), None, None
+
+
+_nll_sum.defvjp(_nll_sum_fwd, _nll_sum_bwd)
 
 
 def nll(hidden: Array, kernel: Array, labels: Array, mask: Array, chunk_len: int = 256,
         normalizer: Array | None = None) -> Array:
   """Negative log-likelihood of `labels` averaged over positions where `mask` is set.
 
+  Under differentiation the forward computes the gradients too, chunk by chunk (as Liger-Kernel and
+  Cut Cross-Entropy do), so no chunk's logits are recomputed and none is kept for the backward.
   `normalizer` (the token count to divide by) defaults to mask.sum(); pass the count of the whole
   global batch when this is one micro-batch of an accumulated step.
   """
-  logp = token_logprobs(hidden, kernel, labels, chunk_len)
+  b, t, _ = hidden.shape
+  c = max(1, min(chunk_len, t))
+  padded = -(-t // c) * c
+  total = _nll_sum(_pad_to(hidden, padded), kernel, _pad_to(labels, padded),
+                   _pad_to(mask, padded), c)
   count = jnp.sum(mask.astype(jnp.float32)) if normalizer is None else normalizer
-  return -masked_sum(logp, mask) / jnp.maximum(count, 1.0)
+  return total / jnp.maximum(count, 1.0)

@@ -88,10 +88,19 @@ def test_packing_leaks_no_attention_and_prompt_tokens_get_no_loss(records, token
   for r in range(len(rows["inputs"])):
     for seg in range(1, rows["segment_ids"][r].max() + 1):
       at[len(at)] = (r, np.flatnonzero(rows["segment_ids"][r] == seg))
-  for d, e in enumerate(ex):  # Document d alone, unpacked, gives the same logits.
+  # Each document alone (one per row, padded with segment 0) gives the same logits as packed.
+  longest = max(len(e.ids) for e in ex) - 1
+  alone_rows = {k: np.zeros((len(ex), longest), np.int32) for k in ("inputs", "positions", "seg")}
+  for d, e in enumerate(ex):
+    n = len(e.ids) - 1
+    alone_rows["inputs"][d, :n] = e.ids[:-1]
+    alone_rows["positions"][d, :n] = np.arange(n)
+    alone_rows["seg"][d, :n] = 1
+  alone = model.apply({"params": params}, alone_rows["inputs"], alone_rows["positions"],
+                      alone_rows["seg"])
+  for d, e in enumerate(ex):
     r, cols = at[d]
-    alone = model.apply({"params": params}, e.ids[None, :-1])
-    np.testing.assert_allclose(packed[r, cols], alone[0], atol=2e-5)
+    np.testing.assert_allclose(packed[r, cols], alone[d, :len(cols)], atol=2e-5)
     np.testing.assert_array_equal(rows["targets"][r, cols], e.ids[1:])
     np.testing.assert_array_equal(rows["loss_mask"][r, cols], e.loss_mask[1:])
   assert not rows["loss_mask"][rows["segment_ids"] == 0].any()  # Padding has no loss.

@@ -13,7 +13,7 @@ def _reference(hidden, kernel, labels, mask):
   return -jnp.sum(picked * mask) / jnp.sum(mask)
 
 
-@pytest.mark.parametrize("chunk_len", [1, 4, 7, 64])
+@pytest.mark.parametrize("chunk_len", [4, 7, 64])
 def test_chunked_nll_matches_full_logits(chunk_len):
   k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(0), 4)
   b, t, e, v = 2, 13, 8, 37

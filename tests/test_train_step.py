@@ -100,3 +100,12 @@ def test_lora_trains_only_adapters_and_merges_on_export():
   with_adapters = Transformer(cfg).apply({"params": state.params}, tokens)
   np.testing.assert_allclose(Transformer(plain).apply({"params": merged}, tokens), with_adapters,
                              atol=1e-4)
+
+
+def test_bfloat16_compute_keeps_float32_master_params():
+  cfg = preset("tiny", dtype="bfloat16", param_dtype="float32")
+  oc = optimizer.default_config()
+  oc.update(lr=1e-2, warmup_steps=0, schedule="constant")
+  _, state, metrics = _run(cfg, oc, steps=2)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(state.params))
+  assert all(np.isfinite(m["loss"]) for m in metrics) and metrics[1]["loss"] < metrics[0]["loss"]

@@ -125,3 +125,19 @@ def test_load_with_fresh_lora_adapters_keeps_the_model(tmp_path):
   ours, params, cfg = _ours(tmp_path, lora_rank=4)
   assert cfg.lora_rank == 4 and params["layers"]["mlp"]["down"]["lora_a"].shape == (2, 112, 4)
   np.testing.assert_array_less(np.abs(ours - hf_logits(reference, TOKENS)).max(), 1e-4)
+
+
+def test_long_sequence_block_causal_attention_matches(tmp_path):
+  """At T >= 256 attention runs in causal query blocks; it must still equal the reference,
+  packed segments included."""
+  from proxykd.models.transformer import _causal_blocks
+  assert _causal_blocks(384) == 3 and _causal_blocks(24) == 1
+  reference = make_hf_model(tmp_path, "llama", max_position_embeddings=512)
+  tokens = np.random.RandomState(1).randint(0, 128, size=(1, 384))
+  ours, params, cfg = _ours(tmp_path, tokens)
+  np.testing.assert_array_less(np.abs(ours - hf_logits(reference, tokens)).max(), 1e-4)
+  cut = 200  # Two packed documents whose boundary falls inside a query block.
+  segments = np.array([[1] * cut + [2] * (384 - cut)])
+  positions = np.array([list(range(cut)) + list(range(384 - cut))])
+  packed = Transformer(cfg).apply({"params": params}, tokens, positions, segments)
+  np.testing.assert_array_less(np.abs(packed[0, cut:] - hf_logits(reference, tokens[:, cut:])[0]).max(), 1e-4)

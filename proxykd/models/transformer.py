@@ -98,15 +98,16 @@ class Projection(nn.Module):
     init = nn.initializers.normal(cfg.initializer_range)
     kernel = self.param("kernel", nn.with_logical_partitioning(init, self.in_axes + self.out_axes),
                         self.in_shape + self.out_shape, pdtype)
-    n_in, n_out = len(self.in_shape), len(self.out_shape)
-    letters = "abcdefgh"
-    ins, outs = letters[:n_in], letters[n_in:n_in + n_out]
-    spec = f"...{ins},{ins}{outs}->...{outs}"
-    y = jnp.einsum(spec, x.astype(dtype), kernel.astype(dtype))
+    # As one 2-D matmul [tokens, fan_in] x [fan_in, fan_out]: XLA's CPU backend runs the
+    # multi-axis einsum form (and its weight gradient) ~30% slower; the reshapes are free.
+    fan_out = int(np.prod(self.out_shape))
+    lead = x.shape[:x.ndim - len(self.in_shape)]
+    x2 = x.reshape(-1, fan_in).astype(dtype)
+    y = x2 @ kernel.reshape(fan_in, fan_out).astype(dtype)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.out_axes),
                         self.out_shape, pdtype)
-      y = y + bias.astype(dtype)
+      y = y + bias.reshape(fan_out).astype(dtype)
     if self.lora:
       r = cfg.lora_rank
       a = self.param("lora_a", nn.with_logical_partitioning(
@@ -114,8 +115,9 @@ class Projection(nn.Module):
                      self.in_shape + (r,), pdtype)
       b = self.param("lora_b", nn.with_logical_partitioning(
           nn.initializers.zeros, ("lora_rank",) + self.out_axes), (r,) + self.out_shape, pdtype)
-      low = jnp.einsum(f"...{ins},{ins}r->...r", x.astype(dtype), a.astype(dtype))
-      y = y + (cfg.lora_alpha / r) * jnp.einsum(f"...r,r{outs}->...{outs}", low, b.astype(dtype))
+      low = x2 @ a.reshape(fan_in, r).astype(dtype)
+      y = y + (cfg.lora_alpha / r) * (low @ b.reshape(r, fan_out).astype(dtype))
+    y = y.reshape(lead + self.out_shape)
     return y
 
 

@@ -66,7 +66,7 @@ def get_config(arg=None):
                                            startup_timeout_s=60.0))
 
   if arg.runlocal:
-    c.prompts.num = 64
+    c.prompts.num = 320  # The synthetic teacher answers ~300 requests/s: a couple of seconds.
     c.limits.concurrency = 8
     c.batch.poll_s = 0.2
   return c

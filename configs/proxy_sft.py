@@ -36,7 +36,7 @@ def get_config(arg=None):
   config.export_dtype = "float32"
   config.wandb = ml_collections.ConfigDict(dict(project="", entity="", name=""))
   if arg.runlocal:
-    config.data.seq_len = 128
+    config.data.seq_len = 256
     config.train.update(steps=20, batch_size=4, log_every=5, eval_every=10, save_every=10)
     config.optim.update(lr=1e-3, warmup_steps=2)
   return config

@@ -274,7 +274,9 @@ class Transformer(nn.Module):
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if segment_ids is None:
       segment_ids = jnp.ones((b, t), jnp.int32)
+    activation_axes = ("activation_batch", "activation_length", "activation_embed")
     x = jnp.take(self.embedding, tokens, axis=0).astype(_dtype(cfg.dtype))
+    x = nn.with_logical_constraint(x, activation_axes)  # Batch-sharded from the first layer on.
     if cache is None:
       layer_cache, index, cache_segments = None, None, None
     else:
@@ -282,7 +284,7 @@ class Transformer(nn.Module):
       cache_segments = jax.lax.dynamic_update_slice_in_dim(
           cache["segment_ids"], segment_ids.astype(jnp.int32), index, axis=1)
     x, new_layer_cache = self.layers(x, layer_cache, positions, segment_ids, index, cache_segments)
-    x = self.final_norm(x)
+    x = nn.with_logical_constraint(self.final_norm(x), activation_axes)
     out = x if return_hidden else self.logits(x)
     if cache is None:
       return out

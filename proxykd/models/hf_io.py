@@ -145,8 +145,7 @@ def load_hf(directory: epath.PathLike, shardings=None, **config_overrides):
         f"{directory}: tensors this decoder does not know: {unexpected[:5]}"
         f"{' ...' if len(unexpected) > 5 else ''}")
 
-  abstract = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, abstract_params(cfg),
-                          is_leaf=lambda x: hasattr(x, "value"))
+  abstract = abstract_params(cfg)
   flat_abstract = dict(_flatten(abstract))
   default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   params: dict = {}

@@ -311,16 +311,20 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
           "segment_ids": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.zeros((), jnp.int32)}
 
 
-def abstract_params(cfg: ModelConfig):
-  """Boxed (nn.LogicallyPartitioned) ShapeDtypeStructs of the parameters, without allocating."""
+def _boxed_abstract_params(cfg: ModelConfig):
   model = Transformer(cfg)
   return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))[
       "params"]
 
 
+def abstract_params(cfg: ModelConfig):
+  """ShapeDtypeStructs of the parameters (the unboxed tree), without allocating."""
+  return nn.unbox(_boxed_abstract_params(cfg))
+
+
 def logical_axes(cfg: ModelConfig):
   """Pytree of logical PartitionSpecs, one per parameter."""
-  return nn.get_partition_spec(abstract_params(cfg))
+  return nn.get_partition_spec(_boxed_abstract_params(cfg))
 
 
 def _init(cfg: ModelConfig, rng: Array):

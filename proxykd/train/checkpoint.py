@@ -16,6 +16,7 @@ from etils import epath
 
 from proxykd.models.config import ModelConfig
 from proxykd.models.transformer import abstract_params
+from proxykd.train.state import with_shardings
 
 PARAMS, META = "params", "meta"
 
@@ -54,13 +55,11 @@ def restore_params(path: epath.PathLike, shardings=None):
   root, step = resolve(path)
   meta = restore_meta(path)
   cfg = ModelConfig.from_dict(meta["model"])
-  abstract = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, abstract_params(cfg),
-                          is_leaf=lambda x: hasattr(x, "value"))
+  abstract = abstract_params(cfg)
   if shardings is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: device, abstract)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, shardings)
+  target = with_shardings(abstract, shardings)
   with ocp.CheckpointManager(root) as mngr:
     restored = mngr.restore(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(target)}))
   return restored[PARAMS], meta

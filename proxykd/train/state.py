@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -29,7 +28,7 @@ def _make(params, tx: optax.GradientTransformation, rng) -> TrainState:
 
 
 def abstract_state(cfg: ModelConfig, tx: optax.GradientTransformation) -> TrainState:
-  params = nn.unbox(abstract_params(cfg))
+  params = abstract_params(cfg)
   return jax.eval_shape(lambda p: _make(p, tx, jax.random.PRNGKey(0)), params)
 
 

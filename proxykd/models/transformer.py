@@ -23,6 +23,7 @@ from proxykd.models.config import ModelConfig
 
 Array = jax.Array
 _NEG_INF = -1e30
+_HIDDEN_AXES = ("activation_batch", "activation_length", "activation_embed")
 
 
 def _dtype(name: str):
@@ -220,7 +221,7 @@ class DecoderLayer(nn.Module):
   def __call__(self, x, layer_cache, positions, segment_ids, cache_index, cache_segments):
     cfg = self.cfg
     dtype, pdtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
-    x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+    x = nn.with_logical_constraint(x, _HIDDEN_AXES)
     h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="attn_norm")(x)
     attn, new_cache = Attention(cfg, name="attn")(h, positions, segment_ids, layer_cache,
                                                    cache_index, cache_segments)
@@ -274,9 +275,8 @@ class Transformer(nn.Module):
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if segment_ids is None:
       segment_ids = jnp.ones((b, t), jnp.int32)
-    activation_axes = ("activation_batch", "activation_length", "activation_embed")
     x = jnp.take(self.embedding, tokens, axis=0).astype(_dtype(cfg.dtype))
-    x = nn.with_logical_constraint(x, activation_axes)  # Batch-sharded from the first layer on.
+    x = nn.with_logical_constraint(x, _HIDDEN_AXES)  # Batch-sharded from the first layer on.
     if cache is None:
       layer_cache, index, cache_segments = None, None, None
     else:
@@ -284,7 +284,7 @@ class Transformer(nn.Module):
       cache_segments = jax.lax.dynamic_update_slice_in_dim(
           cache["segment_ids"], segment_ids.astype(jnp.int32), index, axis=1)
     x, new_layer_cache = self.layers(x, layer_cache, positions, segment_ids, index, cache_segments)
-    x = nn.with_logical_constraint(self.final_norm(x), activation_axes)
+    x = nn.with_logical_constraint(self.final_norm(x), _HIDDEN_AXES)
     out = x if return_hidden else self.logits(x)
     if cache is None:
       return out

@@ -38,20 +38,8 @@ def model_config(name: str = "tiny", **overrides) -> ml_collections.ConfigDict:
   """A `config.model` block: every ModelConfig field, from a preset, overridable from the CLI."""
   if name not in PRESETS:
     raise KeyError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
-  cfg = ModelConfig(**{**PRESETS[name], **overrides}).to_dict()
-  cfg["rope_scaling"] = cfg["rope_scaling"] or {}
-  cfg["lora_targets"] = ",".join(cfg["lora_targets"])
-  return ml_collections.ConfigDict({"preset": name, **cfg})
-
-
-def to_model_config(block: ml_collections.ConfigDict) -> ModelConfig:
-  """The inverse of `model_config`: a ModelConfig from a `config.model` block."""
-  d = block.to_dict()
-  d.pop("preset", None)
-  d["rope_scaling"] = d.get("rope_scaling") or None
-  targets = d.get("lora_targets", "")
-  d["lora_targets"] = tuple(filter(None, targets.split(","))) if isinstance(targets, str) else tuple(targets)
-  return ModelConfig.from_dict(d)
+  return ml_collections.ConfigDict(
+      {"preset": name, **ModelConfig(**{**PRESETS[name], **overrides}).to_flat_dict()})
 
 
 # Device meshes: sizes of (data, fsdp, tensor); -1 fills the remaining devices.

@@ -24,6 +24,10 @@ def test_small_preset_is_about_25m():
 def test_config_round_trip_and_errors():
   cfg = preset("llama3_8b")
   assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+  from configs.common import model_config  # The CLI-overridable `config.model` block.
+  block = model_config("llama3_8b")
+  block.lora_targets = "q,v"
+  assert ModelConfig.from_config_block(block) == cfg.replace(lora_targets=("q", "v"))
   with pytest.raises(KeyError, match="no_such_field"):
     ModelConfig.from_dict({**cfg.to_dict(), "no_such_field": 1})
   with pytest.raises(ValueError, match="num_kv_heads"):

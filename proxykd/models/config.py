@@ -88,6 +88,25 @@ class ModelConfig:
     d["lora_targets"] = list(self.lora_targets)
     return d
 
+  def to_flat_dict(self) -> dict[str, Any]:
+    """Only scalars and flat dicts, for a `config.model` ConfigDict (CLI-overridable)."""
+    d = self.to_dict()
+    d["rope_scaling"] = d["rope_scaling"] or {}
+    d["lora_targets"] = ",".join(self.lora_targets)
+    return d
+
+  @classmethod
+  def from_config_block(cls, block) -> "ModelConfig":
+    """The inverse of `to_flat_dict`, from a `config.model` block (a ConfigDict or dict); its
+    `preset` key, naming where the block came from, is ignored."""
+    d = dict(block.to_dict() if hasattr(block, "to_dict") else block)
+    d.pop("preset", None)
+    d["rope_scaling"] = d.get("rope_scaling") or None
+    targets = d.get("lora_targets", "")
+    d["lora_targets"] = (tuple(filter(None, targets.split(","))) if isinstance(targets, str)
+                         else tuple(targets))
+    return cls.from_dict(d)
+
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
     names = {f.name for f in dataclasses.fields(cls)}

@@ -11,7 +11,6 @@ import jax
 from absl import logging
 from etils import epath
 
-from configs.common import to_model_config
 from proxykd.data import batches, pipeline
 from proxykd.models import hf_io
 from proxykd.models.config import ModelConfig
@@ -28,7 +27,7 @@ RUN_FIELDS = ("dtype", "param_dtype", "remat", "lora_rank", "lora_alpha", "lora_
 def model_config(config) -> ModelConfig:
   """The model: `config.init_from` (an HF directory) with the run fields of `config.model`, or
   `config.model` itself for a random init."""
-  block = to_model_config(config.model)
+  block = ModelConfig.from_config_block(config.model)
   if not config.get("init_from"):
     return block
   try:

@@ -28,34 +28,38 @@ def _unchunk(x: Array, t: int) -> Array:
   return x.swapaxes(0, 1).reshape(b, n * c)[:, :t]
 
 
+def _pad_to(x: Array, t: int) -> Array:
+  pad = t - x.shape[1]
+  return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) if pad else x
+
+
+def _chunk_logits(h: Array, kernel: Array, y: Array):
+  """One chunk: float32 logits [B, c, V], their logsumexp, the one-hot of `y`, and the picked
+  logit per position."""
+  logits = jnp.einsum("bce,ev->bcv", h, kernel.astype(h.dtype), preferred_element_type=jnp.float32)
+  target = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) == y[..., None]
+  picked = jnp.sum(jnp.where(target, logits, 0.0), axis=-1)
+  return logits, jax.nn.logsumexp(logits, axis=-1), target, picked
+
+
 def token_logprobs(hidden: Array, kernel: Array, labels: Array, chunk_len: int = 256) -> Array:
   """log softmax(hidden @ kernel)[label] per position: [B, T] float32.
 
   hidden [B, T, E] (the model's final hidden states), kernel [E, V] (the lm_head), labels [B, T].
   """
-  b, t, _ = hidden.shape
+  t = hidden.shape[1]
   c = max(1, min(chunk_len, t))
-  pad = (-t) % c
-  if pad:
-    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-    labels = jnp.pad(labels, ((0, 0), (0, pad)))
+  padded = -(-t // c) * c
+  hidden, labels = _pad_to(hidden, padded), _pad_to(labels, padded)
 
   @jax.checkpoint
   def chunk_logprobs(args):
     h, y = args
-    logits = jnp.einsum("bce,ev->bcv", h, kernel.astype(h.dtype),
-                        preferred_element_type=jnp.float32)
-    vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
-    picked = jnp.sum(jnp.where(vocab == y[..., None], logits, 0.0), axis=-1)
-    return picked - jax.nn.logsumexp(logits, axis=-1)
+    _, lse, _, picked = _chunk_logits(h, kernel, y)
+    return picked - lse
 
   out = jax.lax.map(chunk_logprobs, (_chunks(hidden, c), _chunks(labels.astype(jnp.int32), c)))
   return _unchunk(out, t)
-
-
-def _pad_to(x: Array, t: int) -> Array:
-  pad = t - x.shape[1]
-  return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) if pad else x
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -71,11 +75,7 @@ def _nll_sum_fwd(hidden, kernel, labels, mask, c):
 
   def chunk(dkernel, args):
     h, y, m = args
-    logits = jnp.einsum("bce,ev->bcv", h, kernel.astype(h.dtype),
-                        preferred_element_type=jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    target = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) == y[..., None]
-    picked = jnp.sum(jnp.where(target, logits, 0.0), axis=-1)
+    logits, lse, target, picked = _chunk_logits(h, kernel, y)
     m = m.astype(jnp.float32)
     dlogits = (jnp.exp(logits - lse[..., None]) - target) * m[..., None]  # d(-log p)/d logits
     dh = jnp.einsum("bcv,ev->bce", dlogits.astype(h.dtype), kernel.astype(h.dtype),

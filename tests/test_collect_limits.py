@@ -61,7 +61,10 @@ def _run_calls(errors, policy):
     calls.append(time.monotonic())
     if len(calls) <= len(errors):
       e = errors[len(calls) - 1]
-      raise e if not isinstance(e, str) else openai.APIConnectionError(request=None)
+      if isinstance(e, str):  # A dropped connection (openai needs the request it was making).
+        import httpx2  # pylint: disable=import-outside-toplevel
+        e = openai.APIConnectionError(request=httpx2.Request("POST", "http://127.0.0.1/v1/x"))
+      raise e
     return "ok"
 
   stats = limits.CallStats()

@@ -96,3 +96,41 @@ def test_writer_refuses_invalid_records_and_failures_file(tmp_path):
     w.write(fail)
     w.write(fail)
   assert [f["error"]["message"] for f in corpus.read_failures(path)] == ["too long", "too long"]
+
+
+def test_background_fsync_errors_surface_at_sync_and_close(tmp_path, monkeypatch):
+  real_fsync = corpus.os.fsync
+  fail = {"on": False}
+
+  def fsync(fd):
+    if fail["on"]:
+      raise OSError(5, "Input/output error")
+    real_fsync(fd)
+
+  monkeypatch.setattr(corpus.os, "fsync", fsync)
+  path = tmp_path / "corpus.jsonl"
+  w = corpus.CorpusWriter(path, sync_every=100, background_fsync=True)
+  w.write(make(0))
+  w.sync()  # This fsync succeeds in the background.
+  fail["on"] = True
+  w.write(make(1))
+  w.sync()  # This one fails in the background thread ...
+  w._fsyncs[-1].exception()  # (wait for it)
+  with pytest.raises(OSError, match=f"{path}: fsync failed.*Input/output error") as e:
+    w.sync()  # ... and is reported at the next sync.
+  assert e.value.errno == 5
+  w.write(make(2))
+  w.sync()
+  with pytest.raises(OSError, match="fsync failed"):
+    w.close()  # The failure of the last background fsync is reported at close; the file is closed.
+  assert w._f.closed
+  fail["on"] = False
+  assert [r["sample_index"] for r in corpus.read_corpus(path)] == [0, 1, 2]
+
+
+def test_background_fsync_error_does_not_hide_the_error_in_flight(tmp_path, monkeypatch):
+  monkeypatch.setattr(corpus.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left")))
+  with pytest.raises(KeyError):
+    with corpus.CorpusWriter(tmp_path / "c.jsonl", sync_every=1, background_fsync=True) as w:
+      w.write(make(0))
+      raise KeyError("the real error")

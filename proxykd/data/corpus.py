@@ -31,7 +31,8 @@ import json
 import math
 import os
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypedDict
 
 from absl import logging
@@ -265,6 +266,8 @@ class CorpusWriter:
   With `background_fsync`, the flush happens in `sync()` and the fsync (~4 ms on a laptop disk) in
   one helper thread, so an event loop calling `write` is not blocked; `close` waits for it. The
   flushed lines already survive a killed process; the fsync guards against a crash of the machine.
+  A background fsync that failed (a full or failing disk) raises OSError naming the file at the next
+  `sync()` or at `close()`: the lines it covered may not be on disk.
   """
 
   def __init__(self, path: str | os.PathLike, *, sync_every: int = 8, validate=validate_record,
@@ -278,6 +281,7 @@ class CorpusWriter:
     self._pending = 0
     self.written = 0
     self._fsyncer = ThreadPoolExecutor(1, thread_name_prefix="fsync") if background_fsync else None
+    self._fsyncs: list[Future] = []  # background fsyncs not yet checked
 
   def write(self, obj: dict) -> None:
     self._validate(obj, f"{self.path} (record to append)", self.written + 1)
@@ -287,25 +291,60 @@ class CorpusWriter:
     if self._pending >= self.sync_every:
       self.sync()
 
+  def _fsync_error(self, e: BaseException) -> OSError:
+    msg = f"{self.path}: fsync failed ({e}); the last lines written may not be on disk"
+    errno = getattr(e, "errno", None)
+    return OSError(errno, msg) if errno else OSError(msg)
+
+  def _fsync(self) -> None:
+    try:
+      os.fsync(self._f.fileno())
+    except OSError as e:
+      raise self._fsync_error(e) from e
+
+  def _check_fsyncs(self, wait: bool = False) -> None:
+    """Raise OSError for the first failed background fsync among those finished (all, with `wait`)."""
+    if wait:
+      futures.wait(self._fsyncs)
+    done = [f for f in self._fsyncs if f.done()]
+    self._fsyncs = [f for f in self._fsyncs if not f.done()]
+    for f in done:
+      e = f.exception()
+      if e is not None:
+        raise self._fsync_error(e) from e
+
   def sync(self) -> None:
+    if self._fsyncer is not None:
+      self._check_fsyncs()
     if self._pending:
       self._f.flush()
       if self._fsyncer is not None:
-        self._fsyncer.submit(os.fsync, self._f.fileno())
+        self._fsyncs.append(self._fsyncer.submit(os.fsync, self._f.fileno()))
       else:
-        os.fsync(self._f.fileno())
+        self._fsync()
       self._pending = 0
 
   def close(self) -> None:
-    if not self._f.closed:
+    if self._f.closed:
+      return
+    try:
       self.sync()
       if self._fsyncer is not None:
+        self._check_fsyncs(wait=True)
+        self._fsync()
+    finally:
+      if self._fsyncer is not None:
         self._fsyncer.shutdown(wait=True)
-        os.fsync(self._f.fileno())
       self._f.close()
 
   def __enter__(self) -> "CorpusWriter":
     return self
 
-  def __exit__(self, *exc) -> None:
-    self.close()
+  def __exit__(self, exc_type, exc, tb) -> None:
+    if exc_type is None:
+      self.close()
+      return
+    try:  # Already failing: close, but do not hide the original error behind an fsync error.
+      self.close()
+    except OSError as e:
+      logging.error("%s", e)

@@ -79,7 +79,8 @@ class BatchRunner:
       k = len(self.state["batches"])
       path = os.path.join(self.dir, f"batch_input_{k}.jsonl")
       lines = [json.dumps({"custom_id": i, "method": "POST", "url": "/v1/chat/completions",
-                           "body": collector.request_body(self.params, jobs[i].messages, 1, self.max_tokens_key)})
+                           "body": collector.request_body(self.params, jobs[i].messages, jobs[i].samples,
+                                                               self.max_tokens_key)})
                for i in chunk]
       data = ("\n".join(lines) + "\n").encode("utf-8")
       with open(path, "wb") as f:

@@ -3,6 +3,11 @@
 `plan` turns prompts into jobs (one request per prompt for the samples it still lacks, so a resumed
 run asks only for what is missing); `collect` runs them with a concurrency limit, RPM/TPM limits and
 retries (proxykd/teacher/limits.py), appending each answer to the corpus as it arrives.
+
+Seeds: with `teacher.seed` >= 0, sample i of a prompt is requested on its own (n=1) with seed
+`teacher.seed + i` (`sample_seed`), so the n samples differ and each is the same whether it is asked
+in a first run, a resumed one or a batch. Records keep the configured seed in `teacher.seed`, so
+ids stay a function of (messages, teacher parameters as configured, sample index).
 """
 from __future__ import annotations
 
@@ -39,6 +44,11 @@ def teacher_params(t: Any) -> dict:
           "top_logprobs": int(t.top_logprobs)}
 
 
+def sample_seed(params: dict, sample_index: int) -> int | None:
+  """The seed sent for sample `sample_index` of a prompt: the configured seed + the index (None: unseeded)."""
+  return None if params["seed"] is None else params["seed"] + sample_index
+
+
 def with_system(messages: list[dict], system_prompt: str) -> list[dict]:
   if not system_prompt or (messages and messages[0]["role"] in ("system", "developer")):
     return messages
@@ -49,7 +59,8 @@ def plan(prompts: list[dict], params: dict, n: int, system_prompt: str,
          present: set[str]) -> tuple[list[Job], int, int]:
   """(jobs for the samples not in `present`, how many were already there, distinct samples wanted).
 
-  A prompt repeated in the source has the same ids: it is asked for once.
+  A prompt repeated in the source has the same ids: it is asked for once. With a seed, each missing
+  sample is a job of its own (its own seed, `sample_seed`); without, one job asks for all of them.
   """
   jobs, already, seen = [], 0, set()
   for p in prompts:
@@ -60,18 +71,22 @@ def plan(prompts: list[dict], params: dict, n: int, system_prompt: str,
     seen.add(ids[0])
     missing = [i for i in range(n) if ids[i] not in present]
     already += n - len(missing)
-    if missing:
-      jobs.append(Job(msgs, p.get("meta", {}), missing, [ids[i] for i in missing]))
+    groups = [[i] for i in missing] if params["seed"] is not None else [missing] if missing else []
+    jobs += [Job(msgs, p.get("meta", {}), g, [ids[i] for i in g]) for g in groups]
   return jobs, already, len(seen) * n
 
 
-def request_body(params: dict, messages: list[dict], n: int, max_tokens_key: str = "max_tokens") -> dict:
-  """The chat.completions arguments (also the body of a batch request line)."""
+def request_body(params: dict, messages: list[dict], samples: list[int], max_tokens_key: str = "max_tokens") -> dict:
+  """The chat.completions arguments asking for the sample indices `samples` of a prompt (also the body
+  of a batch request line). Seeded requests ask for one sample, with its own seed."""
+  if params["seed"] is not None and len(samples) != 1:
+    raise ValueError(f"a seeded request asks for one sample (its seed is seed + index), not {samples}")
   body = {"model": params["model"], "messages": messages, "temperature": params["temperature"],
           "top_p": params["top_p"]}
-  if n != 1:
-    body["n"] = n
-  for key, value in ((max_tokens_key, params["max_tokens"]), ("seed", params["seed"]), ("stop", params["stop"])):
+  if len(samples) != 1:
+    body["n"] = len(samples)
+  seed = sample_seed(params, samples[0])
+  for key, value in ((max_tokens_key, params["max_tokens"]), ("seed", seed), ("stop", params["stop"])):
     if value is not None:
       body[key] = value
   if params["top_logprobs"] > 0:
@@ -210,7 +225,7 @@ async def collect(client, jobs: list[Job], params: dict, sink: Sink, *, concurre
   async def worker(k: int):
     await asyncio.sleep(ramp_up_s * k / n_workers)
     for job in it:  # Shared iterator: each job is taken by exactly one worker.
-      body = request_body(params, job.messages, len(job.samples), max_tokens_key)
+      body = request_body(params, job.messages, job.samples, max_tokens_key)
       est = sum(len(m["content"]) for m in job.messages) // 4 + (params["max_tokens"] or 256) * len(job.samples)
       await limiter.acquire(est)
       sink.stats.requests += 1

@@ -17,13 +17,18 @@ def get_config(arg=None):
   arg = parse_arg(arg, backend="synthetic", faults=False, runlocal=False)
   c = ml_collections.ConfigDict()
   c.stage = "serve_teacher"
-  c.host = "127.0.0.1"  # Loopback only unless you mean it.
+  c.host = "127.0.0.1"  # Loopback only unless you mean it (any other host requires api_key_env).
   c.port = 8000
   c.backend = arg.backend  # synthetic | model
   c.model_name = ""  # The name clients must send as `model`; default: the backend's own name.
   c.api_key_env = ""  # NAME of an env var holding a bearer token to require; empty: no check.
   c.max_context = 4096  # Prompt + max_tokens above this is refused (400 context_length_exceeded).
   c.batch_concurrency = 16  # Requests of one /v1/batches job run at once.
+  # The in-memory /v1/files + /v1/batches store: larger uploads get 413; beyond the counts the
+  # oldest finished files/batches are forgotten (429 when all are in use).
+  c.max_upload_mb = 512.0
+  c.max_files = 100
+  c.max_batches = 100
   c.log_level = "warning"
   c.parent_pid = 0  # Exit when this process is gone (set by `collect` when it starts the server).
   # Backend `model`: an HF directory, or one of our checkpoints plus a tokenizer directory.

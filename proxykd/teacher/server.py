@@ -37,9 +37,10 @@ class Faults:
 
 class APIError(Exception):
   def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-               param: str | None = None, code: str | None = None):
+               param: str | None = None, code: str | None = None, headers: dict | None = None):
     super().__init__(message)
     self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+    self.headers = headers
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
@@ -47,7 +48,8 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
 
 
 def _error_response(e: APIError, headers: dict | None = None) -> JSONResponse:
-  return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status, headers=headers)
+  return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status,
+                      headers=headers or e.headers)
 
 
 class _DropFilter(logging.Filter):
@@ -180,8 +182,10 @@ async def chat_completion(backend, body: Any, max_context: int) -> dict:
 
 
 def create_app(backend, *, api_key: str | None = None, faults: Faults | None = None,
-               max_context: int = 4096, batch_concurrency: int = 16):
-  """The ASGI app. `api_key`: when set, every /v1 route requires `Authorization: Bearer <api_key>`."""
+               max_context: int = 4096, batch_concurrency: int = 16, max_upload_bytes: int = 512 << 20,
+               max_files: int = 100, max_batches: int = 100):
+  """The ASGI app. `api_key`: when set, every /v1 route requires `Authorization: Bearer <api_key>`.
+  `max_upload_bytes`, `max_files`, `max_batches` bound the in-memory /v1/files and /v1/batches store."""
   from proxykd.teacher import batches  # pylint: disable=import-outside-toplevel
 
   app = FastAPI(title="proxykd teacher", docs_url=None, redoc_url=None)
@@ -208,7 +212,8 @@ def create_app(backend, *, api_key: str | None = None, faults: Faults | None = N
     # A JSONResponse directly: FastAPI's jsonable_encoder walk would cost more than the backend.
     return JSONResponse(await chat_completion(backend, body, max_context))
 
-  app.include_router(batches.router(backend, max_context, batch_concurrency))
+  app.include_router(batches.router(backend, max_context, batch_concurrency, max_upload_bytes=max_upload_bytes,
+                                    max_files=max_files, max_batches=max_batches))
   asgi = BearerAuth(app, api_key) if api_key else app
   if faults and (faults.error_rate or faults.drop_rate or faults.latency_s):
     asgi = FaultMiddleware(asgi, faults)

@@ -1,4 +1,11 @@
-"""Resolve a stage config, record it in the workdir, and run the stage."""
+"""Resolve a stage config, record it in the workdir, and run the stage.
+
+`run` is the one place where paths from the command line become absolute: `--workdir` and every
+config value whose key is in PATH_KEYS, against the working directory at entry, before the
+resolved config is written to <workdir>/<stage>/config.json and the stage starts. Stages, and the
+processes they start, therefore never depend on the working directory (orbax refuses relative
+checkpoint paths, and a server started by `collect` may run elsewhere).
+"""
 from __future__ import annotations
 
 import importlib
@@ -13,6 +20,26 @@ from etils import epath
 # Keys whose values must never be written anywhere. `*_env` keys hold the NAME of an environment
 # variable, which is not a secret.
 _SECRET_KEY = re.compile(r"(api_key|apikey|token|secret|password|authorization)$", re.IGNORECASE)
+
+
+# Config keys whose values are filesystem paths, matched by the last component of the key at any
+# depth (`prompts.path`, `local.checkpoint`, ...). A non-empty string value of such a key that is
+# not a URL (gs://, s3://, memory://, ...) is made absolute against the working directory at entry,
+# with `~` expanded. A stage that adds a path-valued key adds its name here; a key in this table
+# must never hold anything but a path.
+PATH_KEYS = frozenset({
+    "checkpoint",  # export, serve_teacher, collect.local: a checkpoint root or one step's directory
+    "corpus",  # proxy_sft, tokenizer: the teacher corpus (JSON lines)
+    "data_dir",  # collect.prompts: the gsm8k / bbh data root
+    "hf_dir",  # serve_teacher, collect.local: a Hugging Face model directory
+    "init_from",  # proxy_sft: the Hugging Face model directory to start from
+    "output",  # export: the HF directory to write; collect: the corpus to append to
+    "path",  # collect.prompts: the prompt file of source=file
+    "tokenizer",  # proxy_sft, export, serve_teacher, collect.local: a tokenizer directory
+    "workdir",  # any stage: the run directory (the fallback when --workdir is not given)
+})
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 class UserError(Exception):
@@ -43,6 +70,31 @@ def stage_dir(workdir: epath.PathLike, stage: str) -> epath.Path:
   return epath.Path(workdir) / stage
 
 
+def absolute_path(path: str) -> str:
+  """`path` made absolute against the working directory (`~` expanded); URLs and "" unchanged."""
+  if not path or _URL.match(path):
+    return path
+  return os.path.abspath(os.path.expanduser(path))
+
+
+def resolve_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` with the string values of PATH_KEYS keys, at any depth, made absolute."""
+  resolved = config.copy_and_resolve_references()
+
+  def visit(node: ml_collections.ConfigDict) -> None:
+    for key in list(node.keys()):
+      value = node[key]
+      if isinstance(value, ml_collections.ConfigDict):
+        visit(value)
+      elif key in PATH_KEYS and isinstance(value, str):
+        node[key] = absolute_path(value)
+
+  visit(resolved)
+  if config.is_locked:
+    resolved.lock()
+  return resolved
+
+
 def initialize_distributed() -> None:
   """Join a multi-process JAX run: auto-detected on TPU/SLURM, else from JAX_* variables."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -55,6 +107,7 @@ def initialize_distributed() -> None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | None) -> Any:
+  """Run the stage `config.stage` in `workdir` (or config.workdir), paths resolved (PATH_KEYS)."""
   stage = config.get("stage")
   if not stage:
     raise UserError("the config has no `stage` key; every configs/*.py must set config.stage")
@@ -64,8 +117,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | None) -> Any:
     if e.name != f"proxykd.stages.{stage}":
       raise
     raise UserError(f"config.stage={stage!r}: there is no proxykd/stages/{stage}.py") from None
-  workdir = workdir or config.get("workdir") or None
-  if workdir is None:
-    raise UserError("--workdir is required for stage " + repr(stage))
+  config = resolve_paths(config)
+  workdir = absolute_path(workdir or config.get("workdir") or "")
+  if not workdir:
+    raise UserError(f"--workdir is required for stage {stage!r}")
   write_config(config, stage_dir(workdir, stage) / "config.json")
   return module.run(config, workdir)

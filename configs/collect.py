@@ -46,13 +46,15 @@ def get_config(arg=None):
       seed=-1,  # -1: none
       stop=(),  # up to 4 stop strings
       top_logprobs=arg.top_logprobs,  # 0-20; > 0 asks for logprobs and stores them
-      timeout_s=120.0))
+      timeout_s=120.0,  # per request
+      connect_timeout_s=10.0))  # per connection attempt
 
   c.limits = ml_collections.ConfigDict(dict(
       concurrency=32, rpm=0, tpm=0,  # 0: unlimited
       ramp_up_s=0.25,  # start the concurrent workers spread over this many seconds
       max_retries=8, backoff_base_s=0.5, backoff_max_s=30.0, retry_after_max_s=120.0,
       max_consecutive_failures=100,  # stop when this many requests in a row failed for good (0: never)
+      connect_grace_s=5.0,  # stop when no request could connect for this long and none ever got an answer
       sync_every=8))  # fsync the corpus every this many records
 
   c.pricing = ml_collections.ConfigDict(dict(input_per_1m=0.0, output_per_1m=0.0, batch_discount=0.5))

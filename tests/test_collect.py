@@ -142,14 +142,14 @@ def test_wrong_key_stops_the_run(flaky_url, tmp_path, monkeypatch):
     collect.run(c, str(tmp_path))
 
 
-def test_dead_endpoint_stops_after_consecutive_failures(tmp_path, monkeypatch):
+def test_dropping_endpoint_stops_after_consecutive_failures(tmp_path, monkeypatch):
   monkeypatch.setenv("PROXYKD_TEST_KEY", KEY)
-  sock = serving.bind()
-  url = serving.base_url(sock)
-  sock.close()  # Nothing listens there: every connection is refused.
-  c = make_config(url, n_prompts=40)
-  c.limits.update(max_retries=1, max_consecutive_failures=5, concurrency=1)
-  with pytest.raises(collect.limits.FatalAPIError, match="5 requests in a row failed.*APIConnectionError"):
-    collect.run(c, str(tmp_path))
+  # It accepts connections, then drops every one: retried per the budget (not a dead endpoint).
+  app = server.create_app(synthetic.SyntheticBackend(), faults=server.Faults(drop_rate=1.0))
+  with serving.BackgroundServer(app) as url:
+    c = make_config(url, n_prompts=40)
+    c.limits.update(max_retries=1, max_consecutive_failures=5, concurrency=1)
+    with pytest.raises(collect.limits.FatalAPIError, match="5 requests in a row failed.*APIConnectionError"):
+      collect.run(c, str(tmp_path))
   fails = list(corpus.read_failures(tmp_path / "collect" / corpus.FAILED_FILENAME))
   assert len(fails) == 5 and fails[0]["error"]["message"].startswith("gave up after 2 attempts")

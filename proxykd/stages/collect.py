@@ -52,7 +52,9 @@ def _api_key(t) -> str:
 
 async def _run(config, base_url: str, key: str, collect_dir: str, out_path: str, all_prompts: list[dict]) -> dict:
   t = config.teacher
-  client = openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=t.timeout_s)
+  client = openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0,
+                              timeout=openai.Timeout(t.timeout_s, connect=min(t.timeout_s, t.connect_timeout_s)))
+  reach = limits.Reachability(_safe_url(base_url), config.limits.connect_grace_s)
   params = collector.teacher_params(t)
   present = corpus.corpus_ids(out_path)
   jobs, already, total = collector.plan(all_prompts, params, t.n, t.system_prompt, present)
@@ -68,6 +70,7 @@ async def _run(config, base_url: str, key: str, collect_dir: str, out_path: str,
   logging.info("collect: %d prompts x %d samples; %d already in %s; %d requests to make", len(all_prompts), t.n,
                already, out_path, len(jobs))
   progress = collector.Progress(stats, config.progress)
+  ticker = asyncio.ensure_future(progress.tick())
   start = time.monotonic()
   with corpus.CorpusWriter(out_path, sync_every=config.limits.sync_every, background_fsync=True) as writer, \
        corpus.CorpusWriter(os.path.join(collect_dir, corpus.FAILED_FILENAME), sync_every=1,
@@ -76,13 +79,14 @@ async def _run(config, base_url: str, key: str, collect_dir: str, out_path: str,
     try:
       if config.batch.enabled:
         await batch_client.BatchRunner(client, params, sink, config.batch, collect_dir, policy=policy,
-                                       max_tokens_key=t.max_tokens_key).run(jobs, set(present))
+                                       max_tokens_key=t.max_tokens_key, reach=reach).run(jobs, set(present))
       else:
         await collector.collect(client, jobs, params, sink, concurrency=config.limits.concurrency,
                                 limiter=limits.RateLimiter(config.limits.rpm, config.limits.tpm), policy=policy,
                                 max_tokens_key=t.max_tokens_key, ramp_up_s=config.limits.ramp_up_s,
-                                max_consecutive_failures=config.limits.max_consecutive_failures)
+                                max_consecutive_failures=config.limits.max_consecutive_failures, reach=reach)
     finally:
+      ticker.cancel()
       progress.close()
       await client.close()
   elapsed = time.monotonic() - start

@@ -55,14 +55,14 @@ def sample_jobs(jobs: list[collector.Job]) -> dict[str, collector.Job]:
 
 class BatchRunner:
   def __init__(self, client, params: dict, sink: collector.Sink, cfg, collect_dir: str, *, policy: limits.RetryPolicy,
-               max_tokens_key: str = "max_tokens"):
+               max_tokens_key: str = "max_tokens", reach: limits.Reachability | None = None):
     self.client, self.params, self.sink, self.cfg, self.dir = client, params, sink, cfg, collect_dir
-    self.policy, self.max_tokens_key = policy, max_tokens_key
+    self.policy, self.max_tokens_key, self.reach = policy, max_tokens_key, reach
     self.rng = random.Random(0)
     self.state = load_state(collect_dir)
 
   async def _call(self, fn):
-    out = await limits.call_with_retries(fn, self.policy, self.rng, self.sink.stats.calls)
+    out = await limits.call_with_retries(fn, self.policy, self.rng, self.sink.stats.calls, self.reach)
     if isinstance(out, limits.Failure):
       raise runner.UserError(f"batch mode: the API refused a call ({out.status_code} {out.type}): {out.message}")
     return out

@@ -20,11 +20,7 @@ from tqdm import tqdm
 
 from proxykd.data import corpus
 from proxykd.teacher import limits
-
-try:  # The HTTP library of the installed openai client: httpx2 from openai 3, httpx before.
-  import httpx2 as httpx
-except ImportError:  # pragma: no cover
-  import httpx
+from proxykd.teacher.limits import httpx  # The HTTP library of the installed openai client.
 
 
 @dataclasses.dataclass
@@ -155,20 +151,36 @@ class Stats:
 
 
 class Progress:
-  """tqdm bar over samples: done / failed / remaining, tokens and estimated cost."""
+  """tqdm bar over samples: done / failed / remaining, retries, tokens and estimated cost; shown from
+  the start (before any answer) and redrawn by `refresh` while nothing completes."""
 
   def __init__(self, stats: Stats, enabled: bool, desc: str = "collect"):
     self.stats = stats
     self.bar = tqdm(total=stats.total, initial=stats.already, desc=desc, unit="sample", disable=not enabled,
                     dynamic_ncols=True, mininterval=0.5)
+    self.refresh()
+
+  def _postfix(self) -> None:
+    s = self.stats
+    self.bar.set_postfix(done=s.done, failed=s.failed, remaining=s.remaining, retries=s.calls.retries,
+                         tokens=s.prompt_tokens + s.completion_tokens, cost=f"${s.cost:.4f}", refresh=False)
 
   def update(self, k: int) -> None:
-    s = self.stats
-    self.bar.set_postfix(done=s.done, failed=s.failed, remaining=s.remaining,
-                         tokens=s.prompt_tokens + s.completion_tokens, cost=f"${s.cost:.4f}", refresh=False)
+    self._postfix()
     self.bar.update(k)
 
+  def refresh(self) -> None:
+    self._postfix()
+    self.bar.refresh()
+
+  async def tick(self, every_s: float = 1.0) -> None:
+    """Redraw every `every_s` seconds (elapsed time, retries) until cancelled."""
+    while True:
+      await asyncio.sleep(every_s)
+      self.refresh()
+
   def close(self) -> None:
+    self._postfix()
     self.bar.close()
 
 
@@ -202,13 +214,15 @@ async def create(client, body: dict):
 
 async def collect(client, jobs: list[Job], params: dict, sink: Sink, *, concurrency: int,
                   limiter: limits.RateLimiter, policy: limits.RetryPolicy, max_tokens_key: str = "max_tokens",
-                  ramp_up_s: float = 0.0, max_consecutive_failures: int = 0, seed: int = 0) -> None:
+                  ramp_up_s: float = 0.0, max_consecutive_failures: int = 0, seed: int = 0,
+                  reach: limits.Reachability | None = None) -> None:
   """Run `jobs` against `client` (an openai.AsyncOpenAI with max_retries=0) into `sink`.
 
   The workers start spread over `ramp_up_s`: started together they would stay in lock-step bursts
   (every reply of a fixed-latency server arriving at once), each burst queueing on the CPU.
-  `max_consecutive_failures` (> 0) stops the run when that many requests in a row failed for good:
-  an endpoint that is down should not turn the whole prompt set into failed.jsonl lines.
+  `reach` stops the run early when the endpoint never answers (limits.Reachability);
+  `max_consecutive_failures` (> 0) stops it when that many requests in a row failed for good: an
+  endpoint that goes down should not turn the whole prompt set into failed.jsonl lines.
   """
   it = iter(jobs)
   rng = random.Random(seed)
@@ -229,7 +243,7 @@ async def collect(client, jobs: list[Job], params: dict, sink: Sink, *, concurre
       est = sum(len(m["content"]) for m in job.messages) // 4 + (params["max_tokens"] or 256) * len(job.samples)
       await limiter.acquire(est)
       sink.stats.requests += 1
-      result = await limits.call_with_retries(lambda: create(client, body), policy, rng, sink.stats.calls)
+      result = await limits.call_with_retries(lambda: create(client, body), policy, rng, sink.stats.calls, reach)
       if isinstance(result, limits.Failure):
         failed(job, result)
         continue

@@ -4,7 +4,9 @@ Retried: 408, 409, 429 and 5xx responses, timeouts and dropped connections, wait
 retry-after-ms / retry-after when it sends one, else exponential backoff with jitter. Refused for
 good: every other 4xx, returned as a `Failure` with the server's message. 401/403 (a bad key) and
 404 (unknown model or route) would fail every request alike, so they stop the run (`FatalAPIError`),
-as does a 429 whose code is `insufficient_quota` (billing, not load).
+as does a 429 whose code is `insufficient_quota` (billing, not load). An endpoint that never
+answered (refused connection, unknown host, connect timeout) stops the run after a short grace
+(`Reachability`) instead of being retried request after request.
 """
 from __future__ import annotations
 
@@ -19,6 +21,11 @@ from typing import Any
 import openai
 
 from proxykd.runner import UserError
+
+try:  # The HTTP library of the installed openai client: httpx2 from openai 3, httpx before.
+  import httpx2 as httpx
+except ImportError:  # pragma: no cover
+  import httpx
 
 RETRYABLE_STATUS = (408, 409, 429)
 FATAL_STATUS = (401, 403, 404)
@@ -121,6 +128,43 @@ def classify(e: Exception) -> tuple[bool, float | None, Failure]:
   raise e
 
 
+class Reachability:
+  """Fail fast on an endpoint that has never answered.
+
+  Until some call got an HTTP response (any status), a failure to connect (connection refused,
+  unknown host, connect timeout) is retried whatever the retry budget, with short waits, for
+  `grace_s` seconds from the first call; the next such failure raises UserError naming `url` and
+  the cause. Once anything answered, connection errors are retried per RetryPolicy like any other
+  transient error (a dropped connection mid-run is not a dead endpoint).
+  """
+
+  def __init__(self, url: str, grace_s: float = 5.0, clock: Callable[[], float] = time.monotonic):
+    self.url, self.grace_s, self.clock = url, grace_s, clock
+    self.reached = False
+    self.start: float | None = None
+
+  def started(self) -> None:
+    if self.start is None:
+      self.start = self.clock()
+
+  def unreached(self, e: Exception) -> bool:
+    """True if `e` is a failure to connect to an endpoint that never answered (retry it regardless
+    of the budget); raises UserError once the grace period is over."""
+    cause = e.__cause__
+    if self.reached or not isinstance(cause, (httpx.ConnectError, httpx.ConnectTimeout)):
+      return False
+    self.started()
+    elapsed = self.clock() - self.start
+    if elapsed >= self.grace_s:
+      root = cause  # The most specific reason: e.g. "[Errno 111] Connect call failed" under "All attempts failed".
+      while (root.__cause__ or root.__context__) is not None:
+        root = root.__cause__ or root.__context__
+      raise UserError(f"cannot reach the teacher at {self.url}: {type(cause).__name__}: {root or cause or 'no detail'} "
+                      f"(no answer to any request in {elapsed:.0f} s); check teacher.base_url and that the "
+                      "server is up")
+    return True
+
+
 @dataclasses.dataclass
 class CallStats:
   retries: int = 0
@@ -128,23 +172,37 @@ class CallStats:
 
 
 async def call_with_retries(fn: Callable[[], Awaitable[Any]], policy: RetryPolicy, rng: random.Random,
-                            stats: CallStats | None = None) -> Any:
-  """`await fn()`, retried per `policy`; returns its result or a `Failure` (never raises API errors
-  other than FatalAPIError)."""
+                            stats: CallStats | None = None, reach: Reachability | None = None) -> Any:
+  """`await fn()`, retried per `policy`: its result, or a `Failure` once retrying is pointless. Raises
+  only FatalAPIError (every request would fail alike) and, with `reach`, UserError for an endpoint
+  that never answered."""
   attempt = 0
   while True:
+    if reach is not None:
+      reach.started()
     try:
-      return await fn()
+      out = await fn()
+      if reach is not None:
+        reach.reached = True
+      return out
     except (openai.APIStatusError, openai.APIConnectionError) as e:
+      unreached = False
+      if reach is not None:
+        if isinstance(e, openai.APIStatusError):
+          reach.reached = True
+        else:
+          unreached = reach.unreached(e)
       retryable, wait, failure = classify(e)
       if stats is not None:
         key = str(failure.status_code) if failure.status_code else failure.type
         stats.errors[key] = stats.errors.get(key, 0) + 1
-      if not retryable or attempt >= policy.max_retries:
+      if not unreached and (not retryable or attempt >= policy.max_retries):
         if retryable:
           failure.message = f"gave up after {attempt + 1} attempts: {failure.message}"
         return failure
       delay = policy.backoff(attempt, rng) if wait is None else min(wait, policy.retry_after_max_s)
+      if unreached:  # Keep knocking at short intervals until the endpoint answers or the grace is over.
+        delay = min(delay, 1.0)
       attempt += 1
       if stats is not None:
         stats.retries += 1

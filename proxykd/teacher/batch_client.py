@@ -3,8 +3,11 @@
 One request per missing sample, `custom_id` = its corpus id. Steps: write the request file
 <collect>/batch_input_<k>.jsonl, upload it (purpose "batch"), create the batch, poll it, download
 its output and error files, and merge them into the corpus and failed.jsonl under the same ids.
-<collect>/batches.json records every batch created and whether it has been merged, so a restarted
-run polls the batches already in flight instead of paying for them twice.
+<collect>/batches.json records every uploaded input file (before its batch is created), its batch
+and whether it has been merged, so a restarted run polls the batches already in flight instead of
+paying for them twice. An input recorded without a batch (the run died around `batches.create`) is
+looked up in the server's batch list by input file id and adopted; only if none is found is its
+batch created then.
 """
 from __future__ import annotations
 
@@ -67,8 +70,43 @@ class BatchRunner:
       raise runner.UserError(f"batch mode: the API refused a call ({out.status_code} {out.type}): {out.message}")
     return out
 
+  async def _find_batch(self, input_file_id: str):
+    """The server's batch on `input_file_id`, if any (all pages of GET /batches)."""
+    page = await self._call(lambda: self.client.batches.list(limit=100))
+    while True:
+      for batch in page.data:
+        if batch.input_file_id == input_file_id:
+          return batch
+      if not page.has_next_page():
+        return None
+      page = await self._call(page.get_next_page)
+
+  async def _create(self, b: dict) -> None:
+    """Create the batch of the uploaded input recorded in `b`, and record it."""
+    batch = await self._call(lambda: self.client.batches.create(
+        input_file_id=b["input_file_id"], endpoint="/v1/chat/completions", completion_window=self.cfg.completion_window,
+        metadata={"source": "proxykd collect"}))
+    b.update(id=batch.id, status=batch.status)
+    save_state(self.dir, self.state)
+    logging.info("batch mode: created %s with %d requests", batch.id, b["num_requests"])
+
+  async def _reconcile(self) -> None:
+    """Give each input recorded without a batch its batch: the server's, if it made one, else a new one."""
+    for b in self.state["batches"]:
+      if b["id"] is not None or b["merged"]:
+        continue
+      batch = await self._find_batch(b["input_file_id"])
+      if batch is None:
+        await self._create(b)
+        continue
+      b.update(id=batch.id, status=batch.status)
+      save_state(self.dir, self.state)
+      logging.info("batch mode: adopted %s, created for %s before the last run stopped", batch.id,
+                   b["request_file"])
+
   async def submit(self, jobs: dict[str, collector.Job]) -> None:
     """Create batches for the jobs not already in an unmerged batch."""
+    await self._reconcile()
     in_flight = set()
     for b in self.state["batches"]:
       if not b["merged"]:
@@ -87,15 +125,14 @@ class BatchRunner:
         f.write(data)
       upload = await self._call(lambda: self.client.files.create(file=(os.path.basename(path), io.BytesIO(data)),
                                                                    purpose="batch"))
-      batch = await self._call(lambda: self.client.batches.create(
-          input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window=self.cfg.completion_window,
-          metadata={"source": "proxykd collect"}))
-      self.state["batches"].append({"id": batch.id, "input_file_id": upload.id,
-                                    "request_file": os.path.basename(path),  # relative: the workdir may move
-                                    "num_requests": len(chunk), "status": batch.status, "merged": False})
+      # Recorded before the batch exists: a crash from here on is reconciled, not paid twice.
+      b = {"id": None, "input_file_id": upload.id,
+           "request_file": os.path.basename(path),  # relative: the workdir may move
+           "num_requests": len(chunk), "status": "uploaded", "merged": False}
+      self.state["batches"].append(b)
       save_state(self.dir, self.state)
+      await self._create(b)
       self.sink.stats.requests += len(chunk)
-      logging.info("batch mode: created %s with %d requests", batch.id, len(chunk))
 
   async def _download(self, file_id: str | None) -> list[dict]:
     if not file_id:

@@ -65,3 +65,39 @@ def test_named_gsm8k_and_bbh_loaders():
   assert "canary" not in first.lower() and first.endswith("A: Let's think step by step.") and "Q: " in first
   with pytest.raises(UserError, match="not_a_task"):
     prompts.load_prompts(cfg(source="bbh", tasks="not_a_task"))
+
+
+class _Stop(Exception):
+  pass
+
+
+def _stop_before_serving(*args, **kwargs):
+  raise _Stop()
+
+
+def test_local_synthetic_teacher_warns_about_prompts_it_cannot_answer(tmp_path, monkeypatch, caplog):
+  monkeypatch.setattr(collect, "LocalTeacher", _stop_before_serving)  # Only the checks before serving run.
+  path = tmp_path / "p.jsonl"
+  path.write_text('{"question": "Translate \'good morning\' into French."}\n{"question": "Who wrote Hamlet?"}\n')
+  c = collect_config.get_config()
+  c.prompts.update(source="file", path=str(path))
+  with pytest.raises(_Stop):
+    collect.run(c, str(tmp_path / "a"))
+  assert "2 of 2 prompts (prompts.source=file) are not the synthetic teacher's own" in caplog.text
+  caplog.clear()
+  c = collect_config.get_config()  # Its own problems: no warning.
+  c.prompts.num = 50
+  with pytest.raises(_Stop):
+    collect.run(c, str(tmp_path / "b"))
+  assert "synthetic teacher" not in caplog.text
+
+
+@needs_data
+def test_gsm8k_with_the_local_synthetic_teacher_warns(tmp_path, monkeypatch, caplog):
+  monkeypatch.setattr(collect, "LocalTeacher", _stop_before_serving)
+  c = collect_config.get_config("source=gsm8k")
+  c.prompts.limit = 20
+  with pytest.raises(_Stop):
+    collect.run(c, str(tmp_path))
+  assert "20 of 20 prompts (prompts.source=gsm8k) are not the synthetic teacher's own" in caplog.text
+  assert "nonsense" in caplog.text

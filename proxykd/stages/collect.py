@@ -19,7 +19,7 @@ from absl import logging
 
 from proxykd import runner
 from proxykd.data import corpus, prompts as prompts_lib
-from proxykd.teacher import batch_client, collector, limits
+from proxykd.teacher import batch_client, collector, limits, synthetic
 from proxykd.teacher.local import LocalTeacher
 
 
@@ -40,6 +40,19 @@ def _safe_url(url: str) -> str:
   parts = urlsplit(url)
   return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))) \
       if parts.hostname else url
+
+
+def _warn_synthetic_teacher(config, all_prompts: list[dict]) -> None:
+  """The built-in synthetic teacher knows only its own generator's problems: say so for any others."""
+  if config.teacher.base_url != "local" or config.local.backend != "synthetic":
+    return
+  bad = synthetic.unrecognised(all_prompts)
+  if bad:
+    logging.warning("collect: %d of %d prompts (prompts.source=%s) are not the synthetic teacher's own arithmetic "
+                    "problems, and teacher.base_url=local serves the synthetic teacher (local.backend=synthetic): "
+                    "it answers them with the sum of their numbers, i.e. nonsense. Set teacher.base_url (and "
+                    "teacher.model) to a real OpenAI-compatible API, or local.backend=model.",
+                    bad, len(all_prompts), config.prompts.source)
 
 
 def _api_key(t) -> str:
@@ -110,6 +123,7 @@ def run(config, workdir):
   all_prompts = prompts_lib.load_prompts(config.prompts)
   if not all_prompts:
     raise runner.UserError("collect: the prompt source gave no prompts (check prompts.* and limit/offset)")
+  _warn_synthetic_teacher(config, all_prompts)
   with contextlib.ExitStack() as stack:
     if t.base_url == "local":
       base_url, key = stack.enter_context(

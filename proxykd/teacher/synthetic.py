@@ -104,6 +104,12 @@ def last_user_text(messages: list[dict]) -> str:
   return ""
 
 
+def unrecognised(prompts: list[dict]) -> int:
+  """How many prompts ({"messages": [...]}) are not problems of the generator: those get the naive
+  answer (the sum of their numbers), not a real one."""
+  return sum(problems.parse(last_user_text(p["messages"])) is None for p in prompts)
+
+
 def count_tokens(messages: list[dict]) -> int:
   return sum(3 + len(tokenize(m.get("content") if isinstance(m.get("content"), str) else ""))
              for m in messages) + 3

@@ -30,10 +30,20 @@ def get_config(arg=None):
   config.optim = optimizer.default_config()
   config.train = ml_collections.ConfigDict(dict(
       steps=1000, epochs=0.0,  # epochs > 0 overrides steps
-      batch_size=16, grad_accum=1, seed=0, loss_chunk=256,
-      log_every=10, eval_every=200, save_every=200, keep=3, async_save=True, progress_bar=True))
+      batch_size=16,  # The global batch (rows of data.seq_len tokens), split over mesh data x fsdp.
+      grad_accum=1,  # Micro-batches per step, inside the one jitted step.
+      seed=0,
+      loss_chunk=256,  # Positions per lm_head chunk of the loss (memory: batch x chunk x vocab).
+      # Every this many steps, and always at the last step; 0: only at the last step.
+      log_every=10,  # metrics.jsonl, TensorBoard, W&B, the progress bar's loss
+      eval_every=200,  # held-out loss (when the split has held-out records)
+      save_every=200,  # a checkpoint (the resume point of a killed run)
+      keep=3,  # Checkpoints kept (the latest ones).
+      async_save=True, progress_bar=True))
   config.export = True  # Also write an HF directory (<workdir>/proxy_sft/hf), LoRA merged.
   config.export_dtype = "float32"
+  # W&B (when project is set; `pip install wandb`). It receives the resolved config through
+  # proxykd.runner.redact, like config.json: secrets are never sent.
   config.wandb = ml_collections.ConfigDict(dict(project="", entity="", name=""))
   if arg.runlocal:
     config.data.seq_len = 256

@@ -2,7 +2,9 @@
 
 Resumable: ids already in the corpus are skipped, so a killed run restarted with the same config
 asks only for what is missing. Writes summary.json at the end (no secrets: the key is read from the
-environment variable named by teacher.api_key_env and only handed to the client).
+environment variable named by teacher.api_key_env and only handed to the client). Paths go through
+etils.epath: with a workdir (or `output`) that is not local, such as gs://..., the corpus and
+failed.jsonl are appended to local copies and uploaded at the end (proxykd/teacher/staging.py).
 """
 from __future__ import annotations
 
@@ -16,10 +18,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import openai
 from absl import logging
+from etils import epath
 
 from proxykd import runner
 from proxykd.data import corpus, prompts as prompts_lib
-from proxykd.teacher import batch_client, collector, limits, synthetic
+from proxykd.teacher import batch_client, collector, limits, staging, synthetic
 from proxykd.teacher.local import LocalTeacher
 
 
@@ -63,7 +66,9 @@ def _api_key(t) -> str:
   return key
 
 
-async def _run(config, base_url: str, key: str, collect_dir: str, out_path: str, all_prompts: list[dict]) -> dict:
+async def _run(config, base_url: str, key: str, collect_dir: epath.Path, out_path: str, failed_path: str,
+               all_prompts: list[dict]) -> dict:
+  """Collect into the local files `out_path` (corpus) and `failed_path`; side files go to `collect_dir`."""
   t = config.teacher
   client = openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0,
                               timeout=openai.Timeout(t.timeout_s, connect=min(t.timeout_s, t.connect_timeout_s)))
@@ -86,8 +91,7 @@ async def _run(config, base_url: str, key: str, collect_dir: str, out_path: str,
   ticker = asyncio.ensure_future(progress.tick())
   start = time.monotonic()
   with corpus.CorpusWriter(out_path, sync_every=config.limits.sync_every, background_fsync=True) as writer, \
-       corpus.CorpusWriter(os.path.join(collect_dir, corpus.FAILED_FILENAME), sync_every=1,
-                           validate=corpus.validate_failure) as failed:
+       corpus.CorpusWriter(failed_path, sync_every=1, validate=corpus.validate_failure) as failed:
     sink = collector.Sink(writer, failed, stats, progress)
     try:
       if config.batch.enabled:
@@ -117,23 +121,25 @@ def run(config, workdir):
   for name in ("httpx", "httpx2", "openai"):  # One INFO line per HTTP request is too much.
     std_logging.getLogger(name).setLevel(std_logging.WARNING)
   t = config.teacher
-  collect_dir = str(runner.stage_dir(workdir, "collect"))
-  os.makedirs(collect_dir, exist_ok=True)
-  out_path = config.output or os.path.join(collect_dir, corpus.CORPUS_FILENAME)
+  collect_dir = runner.stage_dir(workdir, "collect")
+  collect_dir.mkdir(parents=True, exist_ok=True)
+  out_path = epath.Path(config.output) if config.output else collect_dir / corpus.CORPUS_FILENAME
   all_prompts = prompts_lib.load_prompts(config.prompts)
   if not all_prompts:
     raise runner.UserError("collect: the prompt source gave no prompts (check prompts.* and limit/offset)")
   _warn_synthetic_teacher(config, all_prompts)
+  base_url, key = (None, None) if t.base_url == "local" else (t.base_url, _api_key(t))
+  staged = [out_path, collect_dir / corpus.FAILED_FILENAME]
+  if t.base_url == "local":
+    staged.append(collect_dir / "local_teacher.log")
   with contextlib.ExitStack() as stack:
+    local_out, local_failed, *local_log = stack.enter_context(staging.local_copies(staged))
     if t.base_url == "local":
-      base_url, key = stack.enter_context(
-          LocalTeacher(config.local, workdir, os.path.join(collect_dir, "local_teacher.log"), t.model))
-    else:
-      base_url, key = t.base_url, _api_key(t)
-    summary = asyncio.run(_run(config, base_url, key, collect_dir, out_path, all_prompts))
+      base_url, key = stack.enter_context(LocalTeacher(config.local, workdir, local_log[0], t.model))
+    summary = asyncio.run(_run(config, base_url, key, collect_dir, local_out, local_failed, all_prompts))
+  summary["corpus"] = str(out_path)
   summary["base_url"] = "local" if t.base_url == "local" else _safe_url(base_url)
-  with open(os.path.join(collect_dir, "summary.json"), "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=2)
+  staging.write_text(collect_dir / "summary.json", json.dumps(summary, indent=2))
   logging.info("collect: %s", summary)
   print(json.dumps(summary))
   return summary

@@ -14,40 +14,35 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
 import random
 import time
 
 from absl import logging
+from etils import epath
 
 from proxykd import runner
-from proxykd.teacher import collector, limits
+from proxykd.teacher import collector, limits, staging
 
 STATE_FILE = "batches.json"
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 
 
-def load_state(collect_dir: str) -> dict:
-  path = os.path.join(collect_dir, STATE_FILE)
-  if not os.path.exists(path):
+def load_state(collect_dir: epath.PathLike) -> dict:
+  path = epath.Path(collect_dir) / STATE_FILE
+  if not path.exists():
     return {"batches": []}
   try:
-    return json.loads(open(path, encoding="utf-8").read())
+    return json.loads(path.read_text(encoding="utf-8"))
   except ValueError as e:
     raise runner.UserError(f"{path}: not valid JSON ({e}); it records the batches in flight, fix or remove it") from None
 
 
-def save_state(collect_dir: str, state: dict) -> None:
-  path = os.path.join(collect_dir, STATE_FILE)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(state, f, indent=1)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(path + ".tmp", path)
+def save_state(collect_dir: epath.PathLike, state: dict) -> None:
+  staging.write_text(epath.Path(collect_dir) / STATE_FILE, json.dumps(state, indent=1))
 
 
-def _request_ids(path: str) -> set[str]:
-  with open(path, encoding="utf-8") as f:
+def _request_ids(path: epath.Path) -> set[str]:
+  with path.open("r", encoding="utf-8") as f:
     return {json.loads(line)["custom_id"] for line in f if line.strip()}
 
 
@@ -57,9 +52,11 @@ def sample_jobs(jobs: list[collector.Job]) -> dict[str, collector.Job]:
 
 
 class BatchRunner:
-  def __init__(self, client, params: dict, sink: collector.Sink, cfg, collect_dir: str, *, policy: limits.RetryPolicy,
-               max_tokens_key: str = "max_tokens", reach: limits.Reachability | None = None):
-    self.client, self.params, self.sink, self.cfg, self.dir = client, params, sink, cfg, collect_dir
+  def __init__(self, client, params: dict, sink: collector.Sink, cfg, collect_dir: epath.PathLike, *,
+               policy: limits.RetryPolicy, max_tokens_key: str = "max_tokens",
+               reach: limits.Reachability | None = None):
+    self.client, self.params, self.sink, self.cfg = client, params, sink, cfg
+    self.dir = epath.Path(collect_dir)
     self.policy, self.max_tokens_key, self.reach = policy, max_tokens_key, reach
     self.rng = random.Random(0)
     self.state = load_state(collect_dir)
@@ -110,24 +107,22 @@ class BatchRunner:
     in_flight = set()
     for b in self.state["batches"]:
       if not b["merged"]:
-        in_flight |= _request_ids(os.path.join(self.dir, b["request_file"]))
+        in_flight |= _request_ids(self.dir / b["request_file"])
     todo = [i for i in jobs if i not in in_flight]
     for start in range(0, len(todo), self.cfg.max_requests):
       chunk = todo[start:start + self.cfg.max_requests]
       k = len(self.state["batches"])
-      path = os.path.join(self.dir, f"batch_input_{k}.jsonl")
+      path = self.dir / f"batch_input_{k}.jsonl"
       lines = [json.dumps({"custom_id": i, "method": "POST", "url": "/v1/chat/completions",
                            "body": collector.request_body(self.params, jobs[i].messages, jobs[i].samples,
                                                                self.max_tokens_key)})
                for i in chunk]
       data = ("\n".join(lines) + "\n").encode("utf-8")
-      with open(path, "wb") as f:
-        f.write(data)
-      upload = await self._call(lambda: self.client.files.create(file=(os.path.basename(path), io.BytesIO(data)),
-                                                                   purpose="batch"))
+      path.write_bytes(data)
+      upload = await self._call(lambda: self.client.files.create(file=(path.name, io.BytesIO(data)), purpose="batch"))
       # Recorded before the batch exists: a crash from here on is reconciled, not paid twice.
       b = {"id": None, "input_file_id": upload.id,
-           "request_file": os.path.basename(path),  # relative: the workdir may move
+           "request_file": path.name,  # relative: the workdir may move
            "num_requests": len(chunk), "status": "uploaded", "merged": False}
       self.state["batches"].append(b)
       save_state(self.dir, self.state)
@@ -179,7 +174,7 @@ class BatchRunner:
         save_state(self.dir, self.state)
       if time.monotonic() > deadline:
         raise runner.UserError(f"batch mode: batches still running after {self.cfg.timeout_h} h; rerun to resume "
-                               f"polling them ({os.path.join(self.dir, STATE_FILE)})")
+                               f"polling them ({self.dir / STATE_FILE})")
       if any(not b["merged"] for b in self.state["batches"]):
         await asyncio.sleep(self.cfg.poll_s)
 

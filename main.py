@@ -106,6 +106,7 @@ def usage() -> str:
       module = _load_config_module(str(path))
       doc = (module.__doc__ or "").strip().splitlines()
       about = re.sub(r"^Stage `\w+`: ", "", doc[0]) if doc else ""
+      about = about[:1].upper() + about[1:]
       variants = _describe_variants(common.variant_flags(module.get_config))
     except Exception as e:  # pylint: disable=broad-except  # One broken config must not hide the rest.
       about, variants = f"(cannot load: {type(e).__name__}: {e})", "?"
@@ -179,7 +180,10 @@ def _check_config(spec: str, argv: list[str]) -> None:
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's parser, with --help and every command-line mistake handled here in one line."""
   if any(a in _HELP for a in argv[1:]):
-    print(usage())
+    try:
+      print(usage(), flush=True)
+    except BrokenPipeError:  # `python main.py --help | head`: not an error.
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     sys.exit(0)
   spec = _config_spec(argv[1:])
   if spec is not None:

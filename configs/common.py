@@ -34,7 +34,8 @@ def parse_arg(arg: str | None, lazy: bool = False, **spec) -> ml_collections.Con
   for part in filter(None, (arg or "").split(",")):
     name, _, value = part.partition("=")
     if name not in spec and not lazy:
-      raise VariantError(f"unknown variant flag {name!r}; known: {sorted(spec)}")
+      known = f"known: {sorted(spec)}" if spec else "this config takes no variant flags"
+      raise VariantError(f"unknown variant flag {name!r}; {known}")
     default = spec.get(name)
     if not value:
       result[name] = True

@@ -5,9 +5,11 @@
 """
 import ml_collections
 
+from configs import common
+
 
 def get_config(arg=None):
-  del arg
+  common.parse_arg(arg)  # No variants: any text after the colon is refused.
   config = ml_collections.ConfigDict()
   config.stage = "export"
   config.checkpoint = ""  # A checkpoint root (its latest step is used) or one step's directory.

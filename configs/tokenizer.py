@@ -8,9 +8,11 @@ the training stages look for a tokenizer when none is configured.
 """
 import ml_collections
 
+from configs import common
+
 
 def get_config(arg=None):
-  del arg
+  common.parse_arg(arg)  # No variants: any text after the colon is refused.
   config = ml_collections.ConfigDict()
   config.stage = "tokenizer"
   config.corpus = ""  # Default: <workdir>/collect/corpus.jsonl.

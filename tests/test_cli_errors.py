@@ -32,7 +32,7 @@ def test_help_lists_every_stage_with_its_variant_flags():
   assert "cannot load" not in proc.stdout
   # Variant flags come from the config's own parse_arg call, defaults included.
   assert "variant flags: runlocal, model=tiny, mesh=fsdp" in proc.stdout
-  assert "warm-up SFT of the proxy" in proc.stdout  # The module docstring's first line.
+  assert "Warm-up SFT of the proxy" in proc.stdout  # The module docstring's first line.
   assert "--workdir" in proc.stdout and "--config.a.b=value" in proc.stdout
 
 
@@ -55,6 +55,9 @@ def test_bad_variant_is_not_called_a_config_key():
                   "known: ['mesh', 'model', 'runlocal']")
   line = _one_error_line(_main("--config=configs/proxy_sft.py:runlocal=maybe", "--workdir=/tmp/x"))
   assert "runlocal=maybe" in line and "boolean" in line
+  line = _one_error_line(_main("--config=configs/export.py:runlocal", "--workdir=/tmp/unused"))
+  assert line == ("error: configs/export.py: unknown variant flag 'runlocal'; "
+                  "this config takes no variant flags")
 
 
 def test_unknown_key_names_the_dotted_key_unescaped(tmp_path):

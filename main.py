@@ -81,6 +81,8 @@ def _example() -> str:
 
 def _load_config_module(path: str) -> ModuleType:
   spec = importlib.util.spec_from_file_location(f"proxykd_cli_config_{Path(path).stem}", path)
+  if spec is None or not path.endswith(".py"):
+    _fail(f"config file {path} is not a Python file (configs/<stage>.py)")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module

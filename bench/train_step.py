@@ -25,12 +25,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 FSDP8 = r"""
 import json, jax
+from proxykd.models.checkpoint import load_params
 from proxykd.models.config import preset
 from proxykd.train import optimizer, sharding as shd, state as st
 cfg = preset("small")
 tx, _ = optimizer.make_optimizer(optimizer.default_config(), 100)
 mesh = shd.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
-state = st.init_state(cfg, tx, mesh, seed=0)
+params = load_params({"random": 0}, cfg, lambda c: shd.param_shardings(c, mesh))
+state, _ = st.init_state(cfg, tx, mesh, 0, params)
 tree = (state.params, state.opt_state)
 full = sum(x.nbytes for x in jax.tree.leaves(tree))
 print(json.dumps({"per_device": st.tree_bytes_per_device(tree), "full": full}))
@@ -73,24 +75,26 @@ def measure(cfg, batch: int, seq: int, rounds: int, loss_chunk: int) -> dict:
   """Rounds of (matmul, one real jitted SFT step on one device, matmul)."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from proxykd.data.packing import empty_rows  # pylint: disable=g-import-not-at-top
+  from proxykd.models.checkpoint import load_params  # pylint: disable=g-import-not-at-top
   from proxykd.train import optimizer, sharding as shd, state as st, step as sp  # pylint: disable=g-import-not-at-top
   mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   tx, sched = optimizer.make_optimizer(optimizer.default_config(), 1000)
   ab, sh = st.abstract_state(cfg, tx), st.state_shardings(cfg, tx, mesh)
-  spec = sp.batch_spec(batch, seq, mesh)
-  t = time.perf_counter()
-  compiled = sp.compile_step(sp.make_train_step(sp.sft_loss(cfg, loss_chunk), tx, sched),
-                             ab, sh, spec, mesh)
-  compile_s = time.perf_counter() - t
-  state = st.init_state(cfg, tx, mesh, seed=0)
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, cfg.vocab_size, (batch, seq + 1)).astype(np.int32)
-  host = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-          "positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
-          "segment_ids": np.ones((batch, seq), np.int32),
-          "loss_mask": np.ones((batch, seq), np.int32)}
+  host = empty_rows(batch, seq)  # One document per row, every target trained.
+  host.update(inputs=tokens[:, :-1], targets=tokens[:, 1:],
+              positions=np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
+              segment_ids=np.ones((batch, seq), np.int32), loss_mask=np.ones((batch, seq), np.int32))
+  spec = sp.batch_spec({k: (v.shape[1:], v.dtype) for k, v in host.items()}, batch, mesh)
+  t = time.perf_counter()
+  compiled = sp.compile_step(sp.make_train_step(sp.sft_loss(cfg, loss_chunk), tx, sched),
+                             ab, sh, spec, {}, mesh)
+  compile_s = time.perf_counter() - t
+  state, _ = st.init_state(cfg, tx, mesh, 0, load_params({"random": 0}, cfg))
   data = {k: jax.device_put(v, spec[k].sharding) for k, v in host.items()}
-  state, m = compiled(state, data)  # Warm-up.
+  state, m = compiled(state, data, {})  # Warm-up.
   jax.block_until_ready(m)
   matmul = Matmul()
   flops = model_flops_per_token(cfg, seq) * batch * seq
@@ -98,7 +102,7 @@ def measure(cfg, batch: int, seq: int, rounds: int, loss_chunk: int) -> dict:
   for _ in range(rounds):
     before = matmul.flops_per_s()
     t = time.perf_counter()
-    state, m = compiled(state, data)
+    state, m = compiled(state, data, {})
     jax.block_until_ready(m)
     steps.append(time.perf_counter() - t)
     after = matmul.flops_per_s()

@@ -9,17 +9,21 @@ Chunks split the sequence axis, never the batch axis, so a batch sharded over de
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
+import flax.linen as nn
 import jax.numpy as jnp
 
 Array = jax.Array
 
 
-def _chunks(x: Array, c: int) -> Array:
-  """[B, T, ...] (T a multiple of c) -> [T/c, B, c, ...]."""
-  b, t = x.shape[:2]
-  return x.reshape(b, t // c, c, *x.shape[2:]).swapaxes(0, 1)
+def _chunks(x: Array, c: int, axis: int = 1) -> Array:
+  """Split `axis` (a multiple of c) into chunks of c, the chunk index moved to the front:
+  [B, T, ...] -> [T/c, B, c, ...] for axis 1."""
+  n = x.shape[axis] // c
+  x = x.reshape(*x.shape[:axis], n, c, *x.shape[axis + 1:])
+  return jnp.moveaxis(x, axis, 0)
 
 
 def _unchunk(x: Array, t: int) -> Array:
@@ -34,10 +38,10 @@ def _pad_to(x: Array, t: int) -> Array:
 
 
 def _chunk_logits(h: Array, kernel: Array, y: Array):
-  """One chunk: float32 logits [B, c, V], their logsumexp, the one-hot of `y`, and the picked
+  """One chunk: float32 logits [..., c, V], their logsumexp, the one-hot of `y`, and the picked
   logit per position."""
-  logits = jnp.einsum("bce,ev->bcv", h, kernel.astype(h.dtype), preferred_element_type=jnp.float32)
-  target = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) == y[..., None]
+  logits = jnp.einsum("...e,ev->...v", h, kernel.astype(h.dtype), preferred_element_type=jnp.float32)
+  target = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == y[..., None]
   picked = jnp.sum(jnp.where(target, logits, 0.0), axis=-1)
   return logits, jax.nn.logsumexp(logits, axis=-1), target, picked
 
@@ -62,6 +66,24 @@ def token_logprobs(hidden: Array, kernel: Array, labels: Array, chunk_len: int =
   return _unchunk(out, t)
 
 
+def batch_shards() -> int:
+  """How many devices the batch axis is split over in the current mesh (1 outside a mesh).
+
+  Resolved through the logical axis `activation_batch` (proxykd/train/sharding.py's rules), so
+  this layer needs no mesh axis names.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  axes = nn.logical_to_mesh_axes(("activation_batch",))[0] or ()
+  axes = (axes,) if isinstance(axes, str) else axes
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def _constrain(x: Array, *logical) -> Array:
+  return nn.with_logical_constraint(x, logical) if not jax.sharding.get_abstract_mesh().empty else x
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _nll_sum(hidden: Array, kernel: Array, labels: Array, mask: Array, c: int) -> Array:
   """sum(-log p(label) * mask); T a multiple of c. Differentiable in hidden and kernel."""
@@ -70,26 +92,37 @@ def _nll_sum(hidden: Array, kernel: Array, labels: Array, mask: Array, c: int) -
 
 
 def _nll_sum_fwd(hidden, kernel, labels, mask, c):
-  """The value and both gradients in one pass over the chunks (no logits recomputed later)."""
-  b, t, _ = hidden.shape
+  """The value and both gradients in one pass over the chunks (no logits recomputed later).
+
+  The lm_head gradient sums over every token of the batch, which is split over devices: summing
+  into one [E, V] accumulator would all-reduce it across the batch devices once per CHUNK. The
+  accumulator instead has a leading axis of one slot per batch shard (sharded like the batch), so
+  each device adds only its own tokens' contribution, and the slots are summed once, after the
+  loop: one reduction of the [E, V] gradient per step.
+  """
+  b, t, e = hidden.shape
+  d = batch_shards() if b % batch_shards() == 0 else 1
+  shard = lambda x: _constrain(x.reshape(d, b // d, *x.shape[1:]), "activation_batch",
+                               *([None] * x.ndim))
 
   def chunk(dkernel, args):
-    h, y, m = args
+    h, y, m = args  # [d, b/d, c, ...]
     logits, lse, target, picked = _chunk_logits(h, kernel, y)
     m = m.astype(jnp.float32)
     dlogits = (jnp.exp(logits - lse[..., None]) - target) * m[..., None]  # d(-log p)/d logits
-    dh = jnp.einsum("bcv,ev->bce", dlogits.astype(h.dtype), kernel.astype(h.dtype),
+    dh = jnp.einsum("dbcv,ev->dbce", dlogits.astype(h.dtype), kernel.astype(h.dtype),
                     preferred_element_type=jnp.float32).astype(hidden.dtype)
-    dkernel = dkernel + jnp.einsum("bce,bcv->ev", h, dlogits.astype(h.dtype),
-                                   preferred_element_type=jnp.float32)
+    dkernel = dkernel + _constrain(
+        jnp.einsum("dbce,dbcv->dev", h, dlogits.astype(h.dtype),
+                   preferred_element_type=jnp.float32), "activation_batch", None, "vocab")
     return dkernel, (jnp.sum((lse - picked) * m), dh)
 
+  partial = _constrain(jnp.zeros((d, *kernel.shape), jnp.float32), "activation_batch", None, "vocab")
   dkernel, (sums, dh) = jax.lax.scan(
-      chunk, jnp.zeros(kernel.shape, jnp.float32),
-      (_chunks(hidden, c), _chunks(labels.astype(jnp.int32), c), _chunks(mask, c)))
-  n = t // c
-  dh = dh.swapaxes(0, 1).reshape(b, n * c, -1)
-  return jnp.sum(sums), (dh, dkernel.astype(kernel.dtype))
+      chunk, partial, (_chunks(shard(hidden), c, axis=2), _chunks(shard(labels.astype(jnp.int32)), c, axis=2),
+                       _chunks(shard(mask), c, axis=2)))
+  dh = jnp.moveaxis(dh, 0, 2).reshape(b, t, e)
+  return jnp.sum(sums), (dh, jnp.sum(dkernel, axis=0).astype(kernel.dtype))
 
 
 def _nll_sum_bwd(c, residuals, g):

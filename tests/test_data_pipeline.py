@@ -25,9 +25,14 @@ def tokenizer(records, tmp_path_factory):
   return sft_fixtures.demo_tokenizer(tmp_path_factory.mktemp("tok"), records)
 
 
-def test_split_is_deterministic_by_id_with_configured_fractions():
+def _prompt(i: int, sample_index: int = 0) -> dict:
+  msgs = [{"role": "user", "content": f"question {i}"}]
+  return {"id": f"r{i}-{sample_index}", "messages": msgs, "sample_index": sample_index}
+
+
+def test_split_is_deterministic_by_prompt_with_configured_fractions():
   cfg = split.default_config()
-  recs = [{"id": f"r{i}"} for i in range(20000)]
+  recs = [_prompt(i) for i in range(20000)]
   parts = split.split_records(recs, cfg)
   sizes = {k: len(v) / len(recs) for k, v in parts.items()}
   assert abs(sizes["heldout"] - 0.01) < 0.004
@@ -44,8 +49,22 @@ def test_split_is_deterministic_by_id_with_configured_fractions():
     split.split_records(recs, cfg)
 
 
+def test_every_sample_of_a_prompt_lands_in_the_same_split():
+  cfg = split.default_config()
+  cfg.heldout = 0.2  # Enough held-out prompts to see a leak if there were one.
+  recs = [_prompt(i, s) for i in range(500) for s in range(4)]  # teacher.n = 4
+  parts = split.split_records(recs, cfg)
+  where = {}
+  for name, members in parts.items():
+    for r in members:
+      where.setdefault(r["messages"][0]["content"], set()).add(name)
+  assert len(where) == 500 and all(len(v) == 1 for v in where.values())
+  assert len(parts["heldout"]) % 4 == 0 and len(parts["heldout"]) > 0
+
+
 def test_prompt_is_masked_and_response_trained(records, tokenizer):
-  ex = tokenize.tokenize(records[:3], tokenizer)
+  ex, stats = tokenize.tokenize(records[:3], tokenizer)
+  assert stats.total == 3 and stats.boundary_merged == 0
   for rec, e in zip(records, ex):
     prompt = tokenizer.apply_chat_template(rec["messages"], add_generation_prompt=True,
                                            tokenize=False)
@@ -56,7 +75,7 @@ def test_prompt_is_masked_and_response_trained(records, tokenizer):
 
 
 def test_truncation_policies_and_counts(records, tokenizer):
-  ex = tokenize.tokenize(records, tokenizer)
+  ex, _ = tokenize.tokenize(records, tokenizer)
   lengths = np.array([len(e.ids) for e in ex])
   limit = int(np.median(lengths))
   too_long = int((lengths > limit).sum())
@@ -72,14 +91,16 @@ def test_truncation_policies_and_counts(records, tokenizer):
   cut = next(k for k in kept if k.id == long_ex.id)
   np.testing.assert_array_equal(cut.ids, long_ex.ids[-limit:])  # The prompt's start was cut.
   assert cut.loss_mask.sum() == long_ex.loss_mask.sum()
+  assert cut.start == len(long_ex.ids) - limit  # Token offsets still refer to the whole record.
   with pytest.raises(ValueError, match="config.data.truncation"):
     tokenize.truncate(ex, limit, "middle")
 
 
 def test_packing_leaks_no_attention_and_prompt_tokens_get_no_loss(records, tokenizer):
   cfg = preset("tiny")
-  ex = tokenize.tokenize(records[:12], tokenizer)
-  rows = packing.pack(ex, 200)
+  ex, _ = tokenize.tokenize(records[:12], tokenizer)
+  packed_rows = packing.pack(ex, 200)
+  rows = packed_rows.arrays
   assert rows["segment_ids"].max() >= 3  # Several documents per row.
   params = init_params(cfg, jax.random.PRNGKey(0))
   model = Transformer(cfg)
@@ -103,7 +124,11 @@ def test_packing_leaks_no_attention_and_prompt_tokens_get_no_loss(records, token
     np.testing.assert_allclose(packed[r, cols], alone[d, :len(cols)], atol=2e-5)
     np.testing.assert_array_equal(rows["targets"][r, cols], e.ids[1:])
     np.testing.assert_array_equal(rows["loss_mask"][r, cols], e.loss_mask[1:])
+    # Row identity: every slot names its record and the target's offset in that record.
+    assert {packed_rows.docs[i] for i in rows["doc"][r, cols]} == {e.id}
+    np.testing.assert_array_equal(rows["offset"][r, cols], np.arange(1, len(e.ids)))
   assert not rows["loss_mask"][rows["segment_ids"] == 0].any()  # Padding has no loss.
+  assert (rows["doc"][rows["segment_ids"] == 0] == -1).all()
 
   hidden = model.apply({"params": params}, rows["inputs"], rows["positions"], rows["segment_ids"],
                        return_hidden=True)
@@ -116,28 +141,61 @@ def test_packing_leaks_no_attention_and_prompt_tokens_get_no_loss(records, token
   assert float(nll(response_changed)) != float(base)
 
 
-def test_batches_are_deterministic_resumable_and_sharded_per_host(records, tokenizer):
-  rows, _ = pipeline.build_rows(records, tokenizer, 64, "truncate_response", seed=3)
+def test_batches_are_deterministic_and_resumable(records, tokenizer):
+  data = pipeline.default_config()
+  data.update(seq_len=64, seed=3)
+  rows = pipeline.build_rows(records, tokenizer, data)[0].arrays
   n = len(rows["inputs"])
-  it = batches.BatchIterator(rows, 4, seed=3, process_index=0, process_count=1)
+  it = batches.BatchIterator(rows, 4, seed=3)
   first = [it.next_local()["inputs"] for _ in range(2 * n // 4 + 1)]  # Over two epochs.
   seen = np.concatenate(first)[:n]
   assert sorted(map(bytes, seen)) == sorted(map(bytes, rows["inputs"]))  # An epoch = all rows.
   state = it.state()
   expected_next = it.next_local()["inputs"]
-  again = batches.BatchIterator(rows, 4, seed=3, process_index=0, process_count=1)
+  again = batches.BatchIterator(rows, 4, seed=3)
   again.restore(json.loads(json.dumps(state)))
   np.testing.assert_array_equal(again.next_local()["inputs"], expected_next)
-  hosts = [batches.BatchIterator(rows, 4, seed=3, process_index=h, process_count=2)
-           for h in range(2)]
-  for h in hosts:
-    h.restore(state)
-  np.testing.assert_array_equal(
-      np.concatenate([h.next_local()["inputs"] for h in hosts]), expected_next)
   other = batches.BatchIterator(rows, 4, seed=4)
   assert not np.array_equal(other.next_local()["inputs"], first[0])
   with pytest.raises(ValueError, match="seed 3, but the data now has .* seed 4"):
     other.restore(state)
+
+
+def test_rows_are_cached_by_content_tokenizer_and_settings(records, tokenizer, tmp_path, monkeypatch):
+  data = pipeline.default_config()
+  data.update(seq_len=64)
+  rows, stats = pipeline.build_rows(records, tokenizer, data, cache_dir=tmp_path, name="train")
+  assert len(list(tmp_path.glob("train-*.npz"))) == 1
+
+  def no_tokenising(*args, **kwargs):
+    raise AssertionError("tokenised again although the rows are cached")
+
+  monkeypatch.setattr(tokenize, "tokenize", no_tokenising)
+  again, stats_again = pipeline.build_rows(records, tokenizer, data, cache_dir=tmp_path, name="train")
+  assert again.docs == rows.docs and stats_again == stats
+  for k, v in rows.arrays.items():
+    np.testing.assert_array_equal(again.arrays[k], v)
+    assert again.arrays[k].dtype == v.dtype
+  for change in ({"seq_len": 48}, {"truncation": "drop"}, {"seed": 5}):  # Another key: recomputed.
+    with pytest.raises(AssertionError, match="tokenised again"):
+      pipeline.build_rows(records, tokenizer, ml_collections.ConfigDict({**data.to_dict(), **change}),
+                          cache_dir=tmp_path, name="train")
+  edited = [dict(records[0], response="changed")] + records[1:]
+  with pytest.raises(AssertionError, match="tokenised again"):
+    pipeline.build_rows(edited, tokenizer, data, cache_dir=tmp_path, name="train")
+
+
+def test_position_artefacts_are_refused_under_other_rows(tokenizer, demo_tokenizer_dir):
+  from proxykd.models.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
+  data = pipeline.default_config()
+  made = pipeline.fingerprint_of_rows(tokenizer, data)
+  pipeline.check_fingerprint(made, pipeline.fingerprint_of_rows(tokenizer, data), "the cache")
+  other = load_tokenizer(demo_tokenizer_dir)
+  with pytest.raises(ValueError, match=r"the cache was made under other token rows \(tokenizer: "):
+    pipeline.check_fingerprint(made, pipeline.fingerprint_of_rows(other, data), "the cache")
+  data.truncation = "truncate_prompt"
+  with pytest.raises(ValueError, match="truncation: made with 'truncate_response', now 'truncate_prompt'"):
+    pipeline.check_fingerprint(made, pipeline.fingerprint_of_rows(tokenizer, data), "the cache")
 
 
 def test_malformed_corpus_line_names_file_and_line(records, tmp_path):

@@ -7,7 +7,7 @@ import pytest
 from proxykd.models import ModelConfig, Transformer, init_params, preset
 from proxykd.models.sampling import generate
 from proxykd.models.tokenizer import build_demo_tokenizer, check_same_tokenizer, load_tokenizer
-from proxykd.train import lora
+from proxykd.models import lora
 
 
 @pytest.mark.parametrize("name,expected", [

@@ -11,7 +11,7 @@ from proxykd.models.transformer import init_params
 from proxykd.runner import UserError
 from proxykd.teacher import problems, server, serving
 from proxykd.teacher.model_backend import ModelBackend
-from proxykd.train import checkpoint
+from proxykd.models import checkpoint
 
 
 @pytest.fixture(scope="module")

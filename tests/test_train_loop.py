@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from proxykd.data.batches import BatchIterator
+from proxykd.data.batches import BatchIterator, HostSlice
 from proxykd.data.packing import empty_rows
 from proxykd.train import loop, manager, metrics, sharding as shd
 from proxykd.train.state import TrainState
@@ -15,7 +15,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   state = TrainState(step=jnp.zeros((), jnp.int32), params={"w": jnp.ones((4,))},
                      opt_state={"m": jnp.zeros((4,))}, rng=jax.random.PRNGKey(0))
 
-  def step_fn(state, batch):  # Diverges at step 7 (1-based): w becomes NaN, as the loss does.
+  def step_fn(state, batch, frozen):
+    del frozen  # Diverges at step 7 (1-based): w becomes NaN, as the loss does.
     w = jnp.where(state.step == 6, jnp.nan, state.params["w"] + 1.0)
     loss = jnp.sum(w) + 0.0 * jnp.sum(batch["inputs"])
     m = {"loss": loss, "grad_norm": loss, "lr": 1.0, "tokens": 1.0, "batch_tokens": 1.0}
@@ -24,9 +25,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   ckpt = manager.TrainCheckpoints(tmp_path / "checkpoints")
   writer = metrics.MetricWriter(tmp_path, 20, console=False)
   data = BatchIterator(empty_rows(8, 4), 2, seed=0)
+  host = HostSlice(shd.batch_sharding(mesh), 2)
   with pytest.raises(loop.NonFiniteLossError,
                      match=r"loss is nan at step 7 .*last good checkpoint is step 6 in .*checkpoints"):
-    loop.train(state, step_fn, data, mesh, ckpt, {"model": {}}, writer,
+    loop.train(state, step_fn, data, host, {}, ckpt, {"model": {}}, writer,
                loop.LoopConfig(total_steps=20, log_every=4, save_every=3))
   writer.close()
   again = manager.TrainCheckpoints(tmp_path / "checkpoints")

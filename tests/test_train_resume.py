@@ -81,7 +81,7 @@ def test_kill_9_then_resume_matches_uninterrupted_run_and_exports_hf(tmp_path, c
 
   # The uninterrupted run also exported an HF directory equal to its last checkpoint.
   from proxykd.models import hf_io  # pylint: disable=g-import-not-at-top
-  from proxykd.train import checkpoint  # pylint: disable=g-import-not-at-top
+  from proxykd.models import checkpoint  # pylint: disable=g-import-not-at-top
   exported, cfg = hf_io.load_hf(straight / "proxy_sft" / "hf")
   params, meta = checkpoint.restore_params(straight / "proxy_sft" / "checkpoints")
   assert meta["model"]["vocab_size"] == cfg.vocab_size and meta["split"] == "all"

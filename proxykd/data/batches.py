@@ -1,36 +1,66 @@
-"""Deterministic, resumable batches of packed rows, sharded per host, as global jax Arrays.
+"""Deterministic, resumable batches of packed rows, each host reading only the rows its devices hold.
 
 Row order: epoch e is a permutation of the rows drawn from (seed, e). The iterator's whole state is
 one number, the global position (rows consumed), so it is saved in the checkpoint and a resumed run
 continues with exactly the rows it would have seen. Batches run across epoch boundaries.
-On multi-host runs each process builds only its slice of the global batch and
-`jax.make_array_from_process_local_data` assembles the global array.
+
+Which rows of a global batch a host reads comes from the batch sharding itself (`HostSlice`): the
+rows held by its addressable devices, whatever the mesh's device order (fsdp or tensor axes may
+span hosts). Features computed on the host per batch (e.g. the corpus prior's top-K) are added to
+those local rows before they are assembled into global arrays.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Sharding
 
-from proxykd.train import sharding as shd
+# A per-batch host feature: local batch (dict of [rows, T, ...]) -> new named arrays.
+BatchFeature = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+class HostSlice:
+  """The rows of a [global_batch, ...] array that this process's devices hold under `sharding`.
+
+  `host_of(device)` and `host` default to the real process index; tests simulate hosts with them.
+  """
+
+  def __init__(self, sharding: Sharding, global_batch: int, *, host_of=None, host: int | None = None):
+    self.sharding = sharding
+    self.global_batch = global_batch
+    host_of = host_of or (lambda d: d.process_index)
+    host = jax.process_index() if host is None else host
+    rows = set()
+    for device, index in sharding.devices_indices_map((global_batch, 1)).items():
+      if host_of(device) == host:
+        rows.update(range(*index[0].indices(global_batch)))
+    self.rows = np.asarray(sorted(rows), np.int64)  # global row positions, ascending
+
+  def assemble(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Global arrays from this host's rows (local[k][i] is global row self.rows[i])."""
+    def build(v):
+      def read(index):
+        pos = np.searchsorted(self.rows, np.arange(*index[0].indices(self.global_batch)))
+        return v[(pos,) + tuple(index[1:])]
+      return jax.make_array_from_callback((self.global_batch, *v.shape[1:]), self.sharding, read)
+    return {k: build(v) for k, v in local.items()}
 
 
 class BatchIterator:
 
   def __init__(self, rows: dict[str, np.ndarray], global_batch: int, seed: int,
-               process_index: int | None = None, process_count: int | None = None):
+               host_rows: Sequence[int] | None = None,
+               features: Sequence[BatchFeature] = ()):
     self.rows = rows
     self.num_rows = len(next(iter(rows.values())))
     if self.num_rows == 0:
       raise ValueError("no training rows: the split is empty after tokenisation and truncation")
     self.global_batch = global_batch
     self.seed = seed
-    self.process_index = jax.process_index() if process_index is None else process_index
-    self.process_count = jax.process_count() if process_count is None else process_count
-    if global_batch % self.process_count:
-      raise ValueError(f"batch size {global_batch} does not divide over {self.process_count} hosts")
+    self.host_rows = np.arange(global_batch) if host_rows is None else np.asarray(host_rows)
+    self.features = tuple(features)
     self.position = 0
     self._perm_epoch, self._perm = -1, None
 
@@ -40,23 +70,19 @@ class BatchIterator:
       self._perm_epoch = epoch
     return self._perm
 
-  def row_indices(self, start: int, count: int) -> np.ndarray:
-    out = np.empty(count, np.int64)
-    for i in range(count):
-      epoch, offset = divmod(start + i, self.num_rows)
+  def row_indices(self, positions: np.ndarray) -> np.ndarray:
+    """Dataset rows at global stream positions (epoch by epoch)."""
+    out = np.empty(len(positions), np.int64)
+    for i, p in enumerate(positions):
+      epoch, offset = divmod(int(p), self.num_rows)
       out[i] = self._permutation(epoch)[offset]
     return out
 
   def next_local(self) -> dict[str, np.ndarray]:
-    """This host's rows of the next global batch."""
-    per_host = self.global_batch // self.process_count
-    idx = self.row_indices(self.position + self.process_index * per_host, per_host)
+    """This host's rows of the next global batch (see HostSlice), with the per-batch features."""
+    idx = self.row_indices(self.position + self.host_rows)
     self.position += self.global_batch
-    return {k: v[idx] for k, v in self.rows.items()}
-
-  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    while True:
-      yield self.next_local()
+    return add_features({k: v[idx] for k, v in self.rows.items()}, self.features)
 
   @property
   def epoch(self) -> float:
@@ -75,19 +101,25 @@ class BatchIterator:
     self.position = int(state["position"])
 
 
-def to_global(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Assemble the global batch arrays (rows over data x fsdp) from each host's rows."""
-  sharding = shd.batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+def add_features(local: dict[str, np.ndarray], features: Sequence[BatchFeature]) -> dict:
+  for fn in features:
+    local = {**local, **fn(local)}
+  return local
 
 
-def fixed_batches(rows: dict[str, np.ndarray], global_batch: int
-                  ) -> list[dict[str, np.ndarray]]:
-  """All rows in order as full batches (the last padded with empty rows), this host's slice of
-  each: for evaluation."""
+def local_spec(rows: dict[str, np.ndarray], n: int, features: Sequence[BatchFeature] = ()) -> dict:
+  """{name: (row shape, dtype)} of a local batch of `n` rows with the per-batch features: the
+  element spec the step is compiled for."""
+  sample = add_features({k: v[np.arange(n) % len(v)] for k, v in rows.items()}, features)
+  return {k: (v.shape[1:], v.dtype) for k, v in sample.items()}
+
+
+def fixed_batches(rows: dict[str, np.ndarray], global_batch: int, host_rows: Sequence[int] | None = None,
+                  features: Sequence[BatchFeature] = ()) -> list[dict[str, np.ndarray]]:
+  """All rows in order as full batches (the last padded with empty rows: segment 0, doc -1), this
+  host's rows of each: for evaluation and scoring passes."""
   n = len(next(iter(rows.values())))
-  per_host = global_batch // jax.process_count()
-  lo = jax.process_index() * per_host
+  host_rows = np.arange(global_batch) if host_rows is None else np.asarray(host_rows)
   out = []
   for start in range(0, n, global_batch):
     batch = {}
@@ -95,7 +127,8 @@ def fixed_batches(rows: dict[str, np.ndarray], global_batch: int
       chunk = v[start:start + global_batch]
       pad = global_batch - len(chunk)
       if pad:
-        chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-      batch[k] = chunk[lo:lo + per_host]
-    out.append(batch)
+        fill = np.full((pad,) + chunk.shape[1:], -1 if k == "doc" else 0, chunk.dtype)
+        chunk = np.concatenate([chunk, fill])
+      batch[k] = chunk[host_rows]
+    out.append(add_features(batch, features))
   return out

@@ -1,11 +1,15 @@
-"""The deterministic split of METHOD.md: held-out slice, D_w / D_p / D_s, by a hash of the id.
+"""The deterministic split of METHOD.md: held-out slice, D_w / D_p / D_s, by a hash of the PROMPT.
 
-A record's split depends only on its id, the fractions and the salt: it never moves when the corpus
-grows, is re-ordered or is read on another host.
+A record's split depends only on its prompt (the canonical `messages`), the fractions and the salt:
+it never moves when the corpus grows, is re-ordered or is read on another host, and the n samples of
+one prompt (`teacher.n > 1`) always land together. Splitting by the record id (which hashes the
+sample index too) would spread them over warm-up, alignment, distillation and held-out, so that
+calibration and evaluation would be measured on prompts the models trained on.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Iterable
 
 import ml_collections
@@ -38,9 +42,16 @@ def unit_hash(record_id: str, salt: str) -> float:
   return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def assign(record_id: str, cfg) -> str:
-  """'heldout' for the held-out slice, else one of SPLITS in proportion to the fractions."""
-  u = unit_hash(record_id, cfg.salt)
+def prompt_key(record: dict) -> str:
+  """The canonical prompt of a record: its messages as compact, key-sorted JSON."""
+  msgs = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+  return json.dumps(msgs, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def assign(record: dict, cfg) -> str:
+  """'heldout' for the held-out slice, else one of SPLITS in proportion to the fractions; decided
+  by the record's prompt alone."""
+  u = unit_hash(prompt_key(record), cfg.salt)
   if u < cfg.heldout:
     return HELDOUT
   u = (u - cfg.heldout) / (1.0 - cfg.heldout)
@@ -57,5 +68,5 @@ def split_records(records: Iterable[dict], cfg) -> dict[str, list[dict]]:
   check_config(cfg)
   out: dict[str, list[dict]] = {name: [] for name in (*SPLITS, HELDOUT)}
   for record in records:
-    out[assign(record["id"], cfg)].append(record)
+    out[assign(record, cfg)].append(record)
   return out

@@ -19,9 +19,9 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from proxykd.models import safetensors_io
+from proxykd.models import lora, safetensors_io
 from proxykd.models.config import ModelConfig, UnsupportedModelError, from_hf_config, to_hf_config
-from proxykd.models.transformer import abstract_params, init_params
+from proxykd.models.transformer import abstract_params
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja",
@@ -168,11 +168,9 @@ def load_hf(directory: epath.PathLike, shardings=None, **config_overrides):
                                   f"config.json implies {want}")
     sharding = flat_shardings.get(m.path, default)
     _set(params, m.path, jax.make_array_from_callback(target.shape, sharding, read))
-  lora = [p for p in flat_abstract if p[-1].startswith("lora_")]
-  if lora:  # Fresh adapters (B = 0, so the loaded model is unchanged) on top of the HF weights.
-    fresh = init_params(cfg, jax.random.PRNGKey(0), shardings)
-    for path in lora:
-      _set(params, path, dict(_flatten(fresh))[path])
+  if cfg.lora_rank:  # Fresh adapters (B = 0, so the loaded model is unchanged), nothing else.
+    adapter_sh = lora.adapters_of(shardings) if shardings is not None else None
+    params = lora.combine(lora.fresh_adapters(cfg, adapter_sh), params)
   return params, cfg
 
 
@@ -186,7 +184,7 @@ def export_hf(params, cfg: ModelConfig, out_dir: epath.PathLike, *, tokenizer_di
               dtype: str = "float32", max_shard_bytes: int = 4 << 30) -> epath.Path:
   """Write `params` as an HF directory (config.json, safetensors shards + index, tokenizer files).
 
-  LoRA adapters must be merged first (proxykd.train.lora). Streams one tensor at a time.
+  LoRA adapters must be merged first (proxykd.models.lora). Streams one tensor at a time.
   """
   out_dir = epath.Path(out_dir)
   flat = dict(_flatten(params))

@@ -61,3 +61,18 @@ def check_same_tokenizer(a, b, name_a: str = "proxy", name_b: str = "student") -
         f"the {name_a} and {name_b} tokenizers differ (sizes {len(va)} vs {len(vb)}; only in "
         f"{name_a}: {only_a}; only in {name_b}: {only_b}; different ids: {moved}); token-level "
         "distillation needs one shared tokenizer")
+
+
+def fingerprint(tokenizer) -> str:
+  """A short hash of everything that decides token ids: the vocabulary and merges, normaliser and
+  pre-tokeniser (tokenizer.json), the chat template and the special tokens. Artefacts made under
+  one tokenizer (packed rows, the corpus prior, a proxy cache) record it and are refused under
+  another."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  backend = tokenizer.backend_tokenizer.to_str() if getattr(tokenizer, "is_fast", False) else \
+      json.dumps(sorted(tokenizer.get_vocab().items()))
+  blob = json.dumps({"backend": backend, "chat_template": tokenizer.chat_template,
+                     "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}},
+                    sort_keys=True)
+  return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]

@@ -334,8 +334,13 @@ def _init(cfg: ModelConfig, rng: Array):
 _init_default = jax.jit(_init, static_argnums=0)
 
 
-def init_params(cfg: ModelConfig, rng: Array, shardings=None):
-  """Random parameters, created directly with `shardings` (pytree of Sharding) if given."""
-  if shardings is None:
+def init_params(cfg: ModelConfig, rng: Array, shardings=None, select=None):
+  """Random parameters, created directly with `shardings` (pytree of Sharding) if given.
+
+  `select(params) -> subtree` returns only part of them (e.g. the LoRA adapters); the rest is never
+  computed (XLA drops what the jitted function does not return). `shardings` then match the part.
+  """
+  if shardings is None and select is None:
     return _init_default(cfg, rng)
-  return jax.jit(_init, static_argnums=0, out_shardings=shardings)(cfg, rng)
+  fn = (lambda c, k: select(_init(c, k))) if select is not None else _init
+  return jax.jit(fn, static_argnums=0, out_shardings=shardings)(cfg, rng)

@@ -6,7 +6,7 @@ from etils import epath
 
 from proxykd import runner
 from proxykd.models import hf_io
-from proxykd.train import checkpoint
+from proxykd.models import checkpoint
 
 
 def run(config, workdir):

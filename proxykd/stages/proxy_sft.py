@@ -14,7 +14,7 @@ from proxykd.data import corpus, split
 from proxykd.models import hf_io
 from proxykd.models.tokenizer import load_tokenizer
 from proxykd.stages import tokenizer as tokenizer_stage
-from proxykd.train import lora
+from proxykd.models import lora
 from proxykd.train.sft import train_sft
 
 STAGE = "proxy_sft"
@@ -63,8 +63,9 @@ def run(config, workdir):
   tokenizer = load_tokenizer(tok_dir)
   meta = {"stage": STAGE, "corpus": str(path), "split": config.split_name,
           "tokenizer": str(tok_dir)}
-  params, cfg = train_sft(config, out, train, heldout, tokenizer, meta)
+  result = train_sft(config, out, train, heldout, tokenizer, meta)
   if config.export:
+    params, cfg = result.params, result.cfg
     if cfg.lora_rank:
       params, cfg = lora.merge(params, cfg)
     hf_io.export_hf(params, cfg, out / "hf", tokenizer_dir=tok_dir, dtype=config.export_dtype)

@@ -36,7 +36,7 @@ class ModelBackend:
       params, cfg = hf_io.load_hf(config.hf_dir)
       tok_dir, name = config.tokenizer or config.hf_dir, os.path.basename(os.path.normpath(config.hf_dir))
     else:
-      from proxykd.train import checkpoint  # pylint: disable=import-outside-toplevel
+      from proxykd.models import checkpoint  # pylint: disable=import-outside-toplevel
       try:
         params, cfg, meta = checkpoint.restore_for_inference(config.checkpoint)
       except FileNotFoundError as e:

@@ -1,7 +1,7 @@
 """The training run's checkpoints: an orbax CheckpointManager with async saves, keep-last-K and
 automatic resume, restoring onto whatever mesh the run has now.
 
-Items of every step (proxykd/train/checkpoint.py reads the first two, so `restore_params` and the
+Items of every step (proxykd/models/checkpoint.py reads the first two, so `restore_params` and the
 export stage work on training checkpoints):
 - `params`: the model parameters; `meta`: JSON with `model` (ModelConfig.to_dict()) and more;
 - `train`: optimizer state, step and RNG; `data`: JSON, the data iterator's position.
@@ -14,7 +14,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from proxykd.train.checkpoint import META, PARAMS
+from proxykd.models.checkpoint import META, PARAMS
 from proxykd.train.state import TrainState
 
 TRAIN, DATA = "train", "data"

@@ -1,5 +1,9 @@
 """Where training metrics go: a tqdm bar on the console, TensorBoard event files, a JSON-lines file
-in the workdir, and Weights & Biases when `config.wandb.project` is set (optional import)."""
+in the workdir, and Weights & Biases when `config.wandb.project` is set (optional import).
+
+A resumed run continues from its checkpoint's step: `metrics.jsonl` is cut back to the lines of
+steps up to that one and TensorBoard purges later events, so no step is ever recorded twice.
+"""
 from __future__ import annotations
 
 import json
@@ -8,6 +12,8 @@ from typing import Any
 
 import jax
 from etils import epath
+
+from proxykd.runner import redact
 
 
 class MetricWriter:
@@ -22,8 +28,12 @@ class MetricWriter:
     if not self.is_main:
       return
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self._tb = SummaryWriter(os.fspath(self.logdir / "tensorboard"))
-    self._jsonl = (self.logdir / "metrics.jsonl").open("a")
+    self._tb = SummaryWriter(os.fspath(self.logdir / "tensorboard"),
+                             purge_step=initial_step + 1 if initial_step else None)
+    path = self.logdir / "metrics.jsonl"
+    kept = _lines_up_to(path, initial_step) if path.exists() else ""
+    path.write_text(kept)
+    self._jsonl = path.open("a")
     if wandb_cfg is not None and wandb_cfg.get("project"):
       try:
         import wandb  # pylint: disable=g-import-not-at-top
@@ -31,7 +41,7 @@ class MetricWriter:
         raise ImportError("config.wandb.project is set but the `wandb` package is not installed; "
                           "pip install wandb, or leave config.wandb.project empty") from None
       self._wandb = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.get("entity") or None,
-                               name=wandb_cfg.get("name") or None, config=run_config,
+                               name=wandb_cfg.get("name") or None, config=redact(run_config or {}),
                                dir=os.fspath(self.logdir), resume="allow")
     if console:
       from tqdm import tqdm  # pylint: disable=g-import-not-at-top
@@ -63,3 +73,16 @@ class MetricWriter:
       self._jsonl.close()
     if self._wandb is not None:
       self._wandb.finish()
+
+
+def _lines_up_to(path: epath.Path, step: int) -> str:
+  """The lines of a metrics.jsonl whose step is at most `step` (a torn last line is dropped)."""
+  keep = []
+  for line in path.read_text().splitlines():
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if row.get("step", 0) <= step:
+      keep.append(line + "\n")
+  return "".join(keep)

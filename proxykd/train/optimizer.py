@@ -2,8 +2,8 @@
 
 - Weight decay applies to matrices only (projections, lm_head, LoRA factors); norms, biases and
   (unless `decay_embedding`) the embedding are not decayed.
-- With LoRA (`model.lora_rank > 0`) only the `lora_a`/`lora_b` adapters are trained: the base
-  weights get no optimizer state and no update (the step also stops their gradient).
+- With LoRA (`model.lora_rank > 0`) the optimizer only ever sees the adapters: the train state
+  holds nothing else (proxykd/train/state.py), so the base weights have no optimizer state.
 - Gradient accumulation is done inside the train step (proxykd/train/step.py), not here, so one
   optimizer update is one step.
 """
@@ -15,7 +15,6 @@ import jax
 import ml_collections
 import optax
 
-from proxykd.train.lora import is_lora
 
 NO_DECAY_LEAVES = ("scale", "bias")
 
@@ -62,7 +61,7 @@ def decay_mask(params, decay_embedding: bool = False):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int, lora: bool = False):
+def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int):
   """(optax transformation, lr schedule). The masks are computed from the params at init."""
   schedule = make_schedule(opt, total_steps)
   if opt.name == "adamw":
@@ -74,9 +73,4 @@ def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int, lora: bool 
   else:
     raise ValueError(f"config.optim.name={opt.name!r}: choose adamw or adam")
   parts = [optax.clip_by_global_norm(opt.clip_norm)] if opt.clip_norm else []
-  tx = optax.chain(*parts, base)
-  if lora:
-    labels = lambda p: jax.tree_util.tree_map_with_path(
-        lambda path, _: "train" if is_lora(path) else "freeze", p)
-    tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
-  return tx, schedule
+  return optax.chain(*parts, base), schedule

@@ -89,8 +89,12 @@ def batch_divisor(mesh: Mesh) -> int:
   return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
 
-def validate_mesh(mesh: Mesh, cfg, global_batch: int, grad_accum: int = 1) -> None:
-  """Refuse, before compiling, a batch or a model that does not divide the mesh."""
+def validate_mesh(mesh: Mesh, models, global_batch: int, grad_accum: int = 1) -> None:
+  """Refuse, before compiling, a batch or any model that does not divide the mesh.
+
+  `models`: one ModelConfig, or {name: ModelConfig} for every model the step reads (the trained
+  one and frozen ones such as a proxy), named in the error.
+  """
   sizes = ", ".join(f"{a}={mesh.shape[a]}" for a in MESH_AXES)
   div = batch_divisor(mesh)
   if grad_accum < 1 or global_batch % grad_accum:
@@ -102,14 +106,12 @@ def validate_mesh(mesh: Mesh, cfg, global_batch: int, grad_accum: int = 1) -> No
         f"the micro-batch of {micro} rows (config.train.batch_size={global_batch} / grad_accum="
         f"{grad_accum}) does not divide over data x fsdp = {div} devices of the mesh ({sizes})")
   tensor = mesh.shape["tensor"]
-  for name in ("num_heads", "num_kv_heads"):
-    value = getattr(cfg, name)
-    if value % tensor:
-      raise ValueError(f"config.model.{name}={value} is not a multiple of the mesh's tensor axis "
-                       f"({sizes})")
-  if cfg.intermediate_size % tensor:
-    raise ValueError(f"config.model.intermediate_size={cfg.intermediate_size} is not a multiple "
-                     f"of the mesh's tensor axis ({sizes})")
+  for name, cfg in (models.items() if isinstance(models, dict) else [("model", models)]):
+    for key in ("num_heads", "num_kv_heads", "intermediate_size"):
+      value = getattr(cfg, key)
+      if value % tensor:
+        raise ValueError(f"config.{name}.{key}={value} is not a multiple of the mesh's tensor "
+                         f"axis ({sizes})")
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

@@ -17,4 +17,7 @@ def get_config(arg=None):
   config.tokenizer = ""  # Tokenizer dir to copy in; default: the one recorded in the checkpoint.
   config.dtype = "bfloat16"  # Storage dtype of the exported weights: float32 | bfloat16 | float16.
   config.max_shard_gb = 4.0
+  # The checkpoint is restored sharded over this mesh (a 70B model fits no single device); the
+  # export gathers one tensor at a time.
+  config.mesh = common.mesh_config("fsdp")
   return config

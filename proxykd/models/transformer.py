@@ -33,6 +33,11 @@ def _dtype(name: str):
   return jnp.dtype(name)
 
 
+def compute_dtype(cfg: ModelConfig):
+  """The dtype activations (and sampling's weights) are computed in."""
+  return _dtype(cfg.dtype)
+
+
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
   """Inverse frequencies of the rotary embedding, with HF's `linear` and `llama3` scalings."""
   d = cfg.head_dim
@@ -307,7 +312,9 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
   """An empty KV cache: k/v [L, B, S, kv_heads, head_dim], slot segments [B, S] (0 = empty)."""
   dtype = dtype or _dtype(cfg.dtype)
   shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+  axes = (None, "activation_batch", None, "activation_kv_heads", None)  # rows and heads sharded
+  zeros = lambda: nn.with_logical_constraint(jnp.zeros(shape, dtype), axes)
+  return {"k": zeros(), "v": zeros(),
           "segment_ids": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.zeros((), jnp.int32)}
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import functools
 import math
 
-import jax
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 Array = jax.Array
@@ -64,6 +64,23 @@ def token_logprobs(hidden: Array, kernel: Array, labels: Array, chunk_len: int =
 
   out = jax.lax.map(chunk_logprobs, (_chunks(hidden, c), _chunks(labels.astype(jnp.int32), c)))
   return _unchunk(out, t)
+
+
+def target_stats(hidden: Array, kernel: Array, labels: Array, chunk_len: int = 256
+                 ) -> tuple[Array, Array]:
+  """For scoring (no gradient): (log p(label) [B, T] float32, label is the argmax [B, T] bool)."""
+  t = hidden.shape[1]
+  c = max(1, min(chunk_len, t))
+  padded = -(-t // c) * c
+  hidden, labels = _pad_to(hidden, padded), _pad_to(labels, padded)
+
+  def chunk(args):
+    h, y = args
+    logits, lse, _, picked = _chunk_logits(h, kernel, y)
+    return picked - lse, jnp.argmax(logits, axis=-1) == y
+
+  logp, top1 = jax.lax.map(chunk, (_chunks(hidden, c), _chunks(labels.astype(jnp.int32), c)))
+  return _unchunk(logp, t), _unchunk(top1, t)
 
 
 def batch_shards() -> int:
@@ -150,3 +167,33 @@ def nll(hidden: Array, kernel: Array, labels: Array, mask: Array, chunk_len: int
                    _pad_to(mask, padded), c)
   count = jnp.sum(mask.astype(jnp.float32)) if normalizer is None else normalizer
   return total / jnp.maximum(count, 1.0)
+
+
+# ----------------------------------------------------------------------------- preference losses
+# One function per loss, same signature (TRL's names): the per-pair loss from the log-ratios
+# log pi(y|x) - log pi_ref(y|x) of the chosen and the rejected response, summed over their tokens.
+
+
+def sigmoid_preference(chosen_logratio: Array, rejected_logratio: Array, beta: float) -> Array:
+  """DPO (Rafailov et al. 2023): -log sigmoid(beta * (chosen - rejected))."""
+  return -jax.nn.log_sigmoid(beta * (chosen_logratio - rejected_logratio))
+
+
+def ipo_preference(chosen_logratio: Array, rejected_logratio: Array, beta: float) -> Array:
+  """IPO (Azar et al. 2023): (chosen - rejected - 1 / (2 beta))^2."""
+  return (chosen_logratio - rejected_logratio - 1.0 / (2.0 * beta)) ** 2
+
+
+def hinge_preference(chosen_logratio: Array, rejected_logratio: Array, beta: float) -> Array:
+  """SLiC (Zhao et al. 2023): max(0, 1 - beta * (chosen - rejected))."""
+  return jax.nn.relu(1.0 - beta * (chosen_logratio - rejected_logratio))
+
+
+PREFERENCE_LOSSES = {"sigmoid": sigmoid_preference, "ipo": ipo_preference,
+                     "hinge": hinge_preference}
+
+
+def preference_loss(name: str):
+  if name not in PREFERENCE_LOSSES:
+    raise ValueError(f"config.dpo.loss={name!r}: choose one of {sorted(PREFERENCE_LOSSES)}")
+  return PREFERENCE_LOSSES[name]

@@ -160,18 +160,20 @@ class Sampler:
   `batch_sharding`: a Sharding for the [batch, length] token inputs (None: replicated);
   `batch_multiple`: pad the batch to a multiple of this (the batch axis' device count);
   `context`: a context manager factory the programs are traced in (e.g. the mesh and logical
-  axis rules: proxykd/train/sharding.py `mesh_context`).
+  axis rules: proxykd/train/sharding.py `mesh_context`); `min_batch`: the smallest batch bucket
+  (a caller that samples in fixed-size batches passes that size, so a short last batch reuses the
+  same program).
   """
 
   def __init__(self, cfg: ModelConfig, *, param_shardings=None, batch_sharding=None,
                batch_multiple: int = 1, context: Callable[[], ContextManager] | None = None,
-               min_prompt_len: int = 16, min_new_tokens: int = 16):
+               min_batch: int = 1, min_prompt_len: int = 16, min_new_tokens: int = 16):
     self.cfg = cfg
     self.param_shardings = param_shardings
     self.batch_sharding = batch_sharding
     self.batch_multiple = max(1, batch_multiple)
     self.context = context or contextlib.nullcontext
-    self.min_prompt_len, self.min_new_tokens = min_prompt_len, min_new_tokens
+    self.min_batch, self.min_prompt_len, self.min_new_tokens = min_batch, min_prompt_len, min_new_tokens
     self._programs: dict[tuple, Any] = {}
     self.compiles = 0
 
@@ -211,7 +213,7 @@ class Sampler:
                        f"{MAX_STOP_LEN} tokens")
     if not 0 <= top_logprobs <= TOP_LOGPROBS:
       raise ValueError(f"generate: top_logprobs must be in 0..{TOP_LOGPROBS}")
-    batch = bucket(len(prompts), self.batch_multiple)
+    batch = bucket(len(prompts), max(self.batch_multiple, self.min_batch))
     batch = -(-batch // self.batch_multiple) * self.batch_multiple
     prompt_len = bucket(max(len(p) for p in prompts), self.min_prompt_len)
     new = bucket(max_new_tokens, self.min_new_tokens)

@@ -11,6 +11,8 @@ from typing import Iterable
 
 from etils import epath
 
+from proxykd import paths
+
 # Llama-3-style chat template; the response is whatever follows the generation prompt.
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
@@ -20,13 +22,20 @@ SPECIAL_TOKENS = ("<|pad|>", "<|begin_of_text|>", "<|eot_id|>", "<|start_header_
                   "<|end_header_id|>")
 
 
+# What a remote tokenizer directory (or the HF model directory it is part of) is copied for: the
+# tokenizer files of every family, never the weights.
+_TOKENIZER_FILES = ("*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken")
+
+
 def load_tokenizer(directory: epath.PathLike):
-  """`AutoTokenizer` from a local directory; never touches the network."""
+  """`AutoTokenizer` from a directory; never touches the network beyond `directory` itself. A
+  directory that is not local (gs://...) is copied to a temporary local one first (transformers
+  reads only local files), which is removed once the tokenizer is loaded."""
   from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
-  directory = os.fspath(directory)
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"tokenizer directory {directory} does not exist")
-  return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+  if not epath.Path(directory).is_dir():
+    raise FileNotFoundError(f"tokenizer directory {os.fspath(directory)} does not exist")
+  with paths.local_dir(directory, _TOKENIZER_FILES, prefix="proxykd-tokenizer-") as local:
+    return AutoTokenizer.from_pretrained(local, local_files_only=True)
 
 
 def build_demo_tokenizer(out_dir: epath.PathLike, texts: Iterable[str], vocab_size: int = 512):
@@ -76,3 +85,14 @@ def fingerprint(tokenizer) -> str:
                      "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}},
                     sort_keys=True)
   return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+# Tokens that end an assistant turn in the chat templates of the supported families.
+_END_OF_TURN = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<|end_of_text|>", "</s>")
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+  """The ids that end a generated turn: the EOS and the chat templates' end-of-turn tokens."""
+  vocab = tokenizer.get_vocab()
+  ids = {tokenizer.eos_token_id} | {vocab[t] for t in _END_OF_TURN if t in vocab}
+  return sorted(i for i in ids if i is not None)

@@ -91,9 +91,12 @@ class Result:
 def fit(config, out_dir: epath.PathLike, cfg: ModelConfig, mesh: Mesh, loss: sp.Loss, rows: Rows,
         eval_rows: Rows | None, meta: dict[str, Any], ref: dict[str, Any], *,
         frozen: dict | None = None, frozen_spec: dict | None = None,
-        features: Sequence[batches.BatchFeature] = ()) -> Result:
+        features: Sequence[batches.BatchFeature] = (), start=None) -> Result:
   """Train `cfg` (initial weights from `ref`) on `rows`, resuming from `<out_dir>/checkpoints`.
 
+  `start`: the full initial parameters, already on the mesh, instead of loading `ref` (e.g. the
+  previous DPO round's result; its trainable part is donated to the state). `ref` still names the
+  base of a LoRA model in the checkpoints' meta.
   `frozen` / `frozen_spec`: other models' parameters the loss reads and their ShapeDtypeStructs
   with shardings (state.model_spec); a LoRA model's base joins them as frozen["base"].
   `features`: per-batch host features added to each batch (proxykd/data/batches.py).
@@ -120,8 +123,9 @@ def fit(config, out_dir: epath.PathLike, cfg: ModelConfig, mesh: Mesh, loss: sp.
 
   ckpt = manager.TrainCheckpoints(out_dir / "checkpoints", keep=tc.keep, async_save=tc.async_save)
   latest = ckpt.latest_step()
-  params = checkpoint.load_params(ref, cfg, shardings_for(mesh)) if latest is None or cfg.lora_rank \
-      else None
+  params = None
+  if latest is None or cfg.lora_rank:
+    params = start if start is not None else checkpoint.load_params(ref, cfg, shardings_for(mesh))
   if latest is not None:
     state, _, data_state = ckpt.restore(latest, st.with_shardings(abstract, shardings))
     base = st.init_base(cfg, params)

@@ -1,0 +1,73 @@
+"""Scoring passes: per-token log-probabilities of packed rows under a model, jitted once on the mesh.
+
+Used wherever a model reads teacher text without training on it: DPO's reference log-probs (once
+per round), held-out agreement and NLL after each round, and the sample weights of distillation.
+The outputs are gathered to every host, in row order, so any host can join them to any row.
+"""
+from __future__ import annotations
+
+import numpy as np
+import jax
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from proxykd import losses
+from proxykd.data import batches
+from proxykd.data.packing import Rows
+from proxykd.models.checkpoint import with_shardings
+from proxykd.models.config import ModelConfig
+from proxykd.models.transformer import Transformer, abstract_params, lm_head_kernel
+from proxykd.train import sharding as shd
+
+SCORE_KEYS = ("inputs", "targets", "positions", "segment_ids")
+
+
+class Scorer:
+  """`scorer(params, rows) -> {"logp": [N, T] float32, "top1": [N, T] bool}`: the log-probability
+  of each slot's target and whether it is the model's argmax (padding slots: 0 / False)."""
+
+  def __init__(self, cfg: ModelConfig, mesh: Mesh, global_batch: int, seq_len: int,
+               chunk_len: int = 256):
+    self.cfg, self.mesh, self.global_batch = cfg, mesh, global_batch
+    model = Transformer(cfg)
+
+    def score(params, batch):
+      hidden = model.apply({"params": params}, batch["inputs"], batch["positions"],
+                           batch["segment_ids"], return_hidden=True)
+      return losses.target_stats(hidden, lm_head_kernel(params, cfg), batch["targets"], chunk_len)
+
+    sharding = shd.batch_sharding(mesh)
+    spec = {k: jax.ShapeDtypeStruct((global_batch, seq_len), np.int32, sharding=sharding)
+            for k in SCORE_KEYS}
+    param_sh = shd.param_shardings(cfg, mesh)
+    jitted = jax.jit(score, in_shardings=(param_sh, {k: sharding for k in SCORE_KEYS}),
+                     out_shardings=(sharding, sharding))
+    abstract = with_shardings(abstract_params(cfg), param_sh)
+    with shd.mesh_context(mesh):
+      self._compiled = jitted.lower(abstract, spec).compile()
+    self.host = batches.HostSlice(sharding, global_batch)
+
+  def __call__(self, params, rows: Rows) -> dict[str, np.ndarray]:
+    arrays = {k: rows.arrays[k] for k in SCORE_KEYS}
+    logp, top1 = [], []
+    for batch in batches.fixed_batches(arrays, self.global_batch, self.host.rows):
+      lp, t1 = self._compiled(params, self.host.assemble(batch))
+      logp.append(_gather(lp))
+      top1.append(_gather(t1))
+    n = len(rows)
+    return {"logp": np.concatenate(logp)[:n], "top1": np.concatenate(top1)[:n]}
+
+
+def _gather(x: jax.Array) -> np.ndarray:
+  if jax.process_count() > 1:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def teacher_token_stats(scores: dict[str, np.ndarray], rows: Rows) -> dict[str, float]:
+  """Over the response tokens of `rows`: the model's NLL (nats/token) of the teacher's tokens and
+  how often the teacher's token is the model's argmax (top-1 agreement)."""
+  mask = rows.arrays["loss_mask"].astype(bool)
+  n = max(int(mask.sum()), 1)
+  return {"nll": float(-scores["logp"][mask].sum() / n), "top1": float(scores["top1"][mask].sum() / n),
+          "tokens": int(mask.sum())}

@@ -83,6 +83,28 @@ def target_stats(hidden: Array, kernel: Array, labels: Array, chunk_len: int = 2
   return _unchunk(logp, t), _unchunk(top1, t)
 
 
+def topk_logprobs(hidden: Array, kernel: Array, k: int, chunk_len: int = 256, tau: float = 1.0
+                  ) -> tuple[Array, Array, Array]:
+  """The k most likely tokens of softmax(hidden @ kernel / tau) per position, for an offline cache:
+  (ids [B, T, k] int32, their log-probs [B, T, k], the log of the mass of all other tokens [B, T])."""
+  t = hidden.shape[1]
+  c = max(1, min(chunk_len, t))
+  padded = -(-t // c) * c
+  hidden = _pad_to(hidden, padded)
+
+  def chunk(h):
+    logits = jnp.einsum("...e,ev->...v", h, kernel.astype(h.dtype),
+                        preferred_element_type=jnp.float32) / tau
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    top_lp, top_id = jax.lax.top_k(logp, k)
+    covered = jnp.minimum(jnp.sum(jnp.exp(top_lp), axis=-1), 1.0)
+    return top_id.astype(jnp.int32), top_lp, jnp.log1p(-covered)  # -inf when nothing is left
+
+  ids, lp, tail = jax.lax.map(chunk, _chunks(hidden, c))
+  unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(x.shape[1], -1, *x.shape[3:])[:, :t]
+  return unchunk(ids), unchunk(lp), unchunk(tail)
+
+
 def batch_shards() -> int:
   """How many devices the batch axis is split over in the current mesh (1 outside a mesh).
 
@@ -197,3 +219,62 @@ def preference_loss(name: str):
   if name not in PREFERENCE_LOSSES:
     raise ValueError(f"config.dpo.loss={name!r}: choose one of {sorted(PREFERENCE_LOSSES)}")
   return PREFERENCE_LOSSES[name]
+
+
+# ----------------------------------------------------------------------------- divergences
+# One function per divergence D(p || q), same signature (DistiLLM's family): log-probabilities of
+# the target p and the student q over the same last axis (the vocabulary, or sparse buckets),
+# and a mask; returns the per-position divergence times the mask. 0 * log 0 counts as 0.
+
+
+def _plogp_ratio(logp: Array, logq: Array) -> Array:
+  """p * (log p - log q), 0 where p = 0."""
+  p = jnp.exp(logp)
+  return jnp.where(p > 0, p * (logp - logq), 0.0)
+
+
+def _log_mix(logp: Array, logq: Array, w: float) -> Array:
+  """log(w p + (1 - w) q)."""
+  return jnp.logaddexp(logp + jnp.log(w), logq + jnp.log1p(-w)) if 0 < w < 1 else (
+      logp if w >= 1 else logq)
+
+
+def forward_kl(logp: Array, logq: Array, mask: Array) -> Array:
+  """KL(p || q) = sum p (log p - log q): mode-covering (METHOD.md's default)."""
+  return jnp.sum(_plogp_ratio(logp, logq), axis=-1) * mask
+
+
+def reverse_kl(logp: Array, logq: Array, mask: Array) -> Array:
+  """KL(q || p): mode-seeking."""
+  return jnp.sum(_plogp_ratio(logq, logp), axis=-1) * mask
+
+
+def jsd(logp: Array, logq: Array, mask: Array, beta: float = 0.5) -> Array:
+  """Generalised Jensen-Shannon: beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1-beta) q."""
+  logm = _log_mix(logp, logq, beta)
+  return (beta * jnp.sum(_plogp_ratio(logp, logm), -1)
+          + (1 - beta) * jnp.sum(_plogp_ratio(logq, logm), -1)) * mask
+
+
+def skew_kl(logp: Array, logq: Array, mask: Array, lam: float = 0.1) -> Array:
+  """Skew KL (DistiLLM): KL(p || lam p + (1 - lam) q)."""
+  return jnp.sum(_plogp_ratio(logp, _log_mix(logp, logq, lam)), axis=-1) * mask
+
+
+def tvd(logp: Array, logq: Array, mask: Array) -> Array:
+  """Total variation: 1/2 sum |p - q|."""
+  return 0.5 * jnp.sum(jnp.abs(jnp.exp(logp) - jnp.exp(logq)), axis=-1) * mask
+
+
+DIVERGENCES = {"forward_kl": forward_kl, "reverse_kl": reverse_kl, "jsd": jsd, "skew_kl": skew_kl,
+               "tvd": tvd}
+
+
+def divergence(name: str, param: float | None = None):
+  """The divergence by name; `param` is JSD's beta or skew KL's lambda."""
+  if name not in DIVERGENCES:
+    raise ValueError(f"config.kd.divergence={name!r}: choose one of {sorted(DIVERGENCES)}")
+  fn = DIVERGENCES[name]
+  if param is not None and name in ("jsd", "skew_kl"):
+    return functools.partial(fn, **{"beta" if name == "jsd" else "lam": param})
+  return fn

@@ -17,6 +17,8 @@ from typing import Any
 import ml_collections
 from etils import epath
 
+from proxykd import paths
+
 # Keys whose values must never be written anywhere. `*_env` keys hold the NAME of an environment
 # variable, which is not a secret.
 _SECRET_KEY = re.compile(r"(api_key|apikey|token|secret|password|authorization)$", re.IGNORECASE)
@@ -32,14 +34,13 @@ PATH_KEYS = frozenset({
     "corpus",  # proxy_sft, tokenizer: the teacher corpus (JSON lines)
     "data_dir",  # collect.prompts: the gsm8k / bbh data root
     "hf_dir",  # serve_teacher, collect.local: a Hugging Face model directory
-    "init_from",  # proxy_sft: the Hugging Face model directory to start from
-    "output",  # export: the HF directory to write; collect: the corpus to append to
+    "init_from",  # proxy_sft, proxy_dpo, student_kd: the weights to start from (HF dir or checkpoint)
+    "output",  # export: the HF directory to write; collect: the corpus to append to; cache_proxy
     "path",  # collect.prompts: the prompt file of source=file
+    "proxy",  # cache_proxy, calibrate, student_kd: the aligned proxy (checkpoint or HF directory)
     "tokenizer",  # proxy_sft, export, serve_teacher, collect.local: a tokenizer directory
     "workdir",  # any stage: the run directory (the fallback when --workdir is not given)
 })
-
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 class UserError(Exception):
@@ -72,7 +73,7 @@ def stage_dir(workdir: epath.PathLike, stage: str) -> epath.Path:
 
 def absolute_path(path: str) -> str:
   """`path` made absolute against the working directory (`~` expanded); URLs and "" unchanged."""
-  if not path or _URL.match(path):
+  if not path or paths.is_url(path):
     return path
   return os.path.abspath(os.path.expanduser(path))
 

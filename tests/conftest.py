@@ -46,3 +46,35 @@ def demo_tokenizer_dir(tmp_path_factory):
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   import tempfile  # noqa: E402
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="proxykd-jax-cache-")
+
+
+def run_main(*args, timeout: int = 400, **kwargs) -> subprocess.CompletedProcess:
+  """`python main.py ARGS` from the repository, on one CPU device; stdout/stderr captured."""
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  return subprocess.run([sys.executable, "main.py", *map(str, args)], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def warm_workdir(tmp_path_factory):
+  """A workdir with a teacher corpus (240 synthetic records), a tokenizer and a warm-up SFT proxy
+  (configs/proxy_sft.py:runlocal, 10% held out). Tests copy the stages they need from it."""
+  import sft_fixtures  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("warm")
+  records = sft_fixtures.synthetic_records(240, seed=5)
+  sft_fixtures.write_corpus(root / "collect" / "corpus.jsonl", records)
+  sft_fixtures.demo_tokenizer(root / "tokenizer" / "hf", records)
+  proc = run_main("--config=configs/proxy_sft.py:runlocal", f"--workdir={root}",
+                  "--config.split.heldout=0.1", "--config.train.progress_bar=False",
+                  "--config.export=False")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return root
+
+
+def copy_stages(src, dst, *stages):
+  """A new workdir `dst` with copies of `src`'s stage directories."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  for stage in stages:
+    shutil.copytree(src / stage, dst / stage)
+  return dst

@@ -12,7 +12,7 @@ from proxykd import losses, runner
 from proxykd.data import batches, packing, pipeline, split, tokenize
 from proxykd.models.config import preset
 from proxykd.models.transformer import Transformer, init_params, lm_head_kernel
-from proxykd.stages import proxy_sft
+from proxykd.stages import inputs
 
 
 @pytest.fixture(scope="module")
@@ -206,8 +206,8 @@ def test_malformed_corpus_line_names_file_and_line(records, tmp_path):
   config = ml_collections.ConfigDict(dict(corpus=str(path), split=split.default_config(),
                                           split_name="all"))
   with pytest.raises(runner.UserError, match=rf"{path}:3: not valid JSON"):
-    proxy_sft.load_split(config, tmp_path)
+    inputs.load_split(config, tmp_path)
   lines[2] = json.dumps({**records[2], "response": 7})
   path.write_text("\n".join(lines) + "\n")
   with pytest.raises(runner.UserError, match=rf"{path}:3: `response` must be a string"):
-    proxy_sft.load_split(config, tmp_path)
+    inputs.load_split(config, tmp_path)

@@ -3,7 +3,6 @@ teacher, round 2 samples from round 1's result, and kill -9 mid-round then resum
 uninterrupted run."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,8 +11,7 @@ import time
 import numpy as np
 import pytest
 
-import sft_fixtures
-from conftest import REPO
+from conftest import REPO, copy_stages
 
 SPLIT = ["--config.split.heldout=0.1"]  # Enough held-out prompts to measure agreement.
 DPO_FLAGS = [*SPLIT, "--config.train.progress_bar=False", "--config.train.save_every=3",
@@ -25,27 +23,9 @@ def _env():
               XLA_FLAGS="--xla_force_host_platform_device_count=1")
 
 
-def _main(*args, **kwargs):
-  return subprocess.run([sys.executable, "main.py", *args], cwd=REPO, env=_env(), capture_output=True,
-                        text=True, timeout=400, **kwargs)
-
-
 def _dpo(workdir):
   return [sys.executable, "main.py", "--config=configs/proxy_dpo.py:runlocal", f"--workdir={workdir}",
           *DPO_FLAGS]
-
-
-@pytest.fixture(scope="module")
-def warm(tmp_path_factory):
-  """A workdir with a teacher corpus, a tokenizer and a warm-up SFT proxy."""
-  root = tmp_path_factory.mktemp("dpo")
-  records = sft_fixtures.synthetic_records(240, seed=5)
-  sft_fixtures.write_corpus(root / "collect" / "corpus.jsonl", records)
-  sft_fixtures.demo_tokenizer(root / "tokenizer" / "hf", records)
-  proc = _main("--config=configs/proxy_sft.py:runlocal", f"--workdir={root}", *SPLIT,
-               "--config.train.progress_bar=False", "--config.export=False")
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return root
 
 
 def _rounds(workdir):
@@ -54,10 +34,9 @@ def _rounds(workdir):
 
 
 @pytest.fixture(scope="module")
-def straight(warm, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("straight")
-  for stage in ("collect", "tokenizer", "proxy_sft"):
-    shutil.copytree(warm / stage, workdir / stage)
+def straight(warm_workdir, tmp_path_factory):
+  workdir = copy_stages(warm_workdir, tmp_path_factory.mktemp("straight") / "w", "collect",
+                        "tokenizer", "proxy_sft")
   proc = subprocess.run(_dpo(workdir), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir
@@ -91,10 +70,8 @@ def test_alignment_raises_heldout_agreement_and_samples_come_from_the_current_pr
   assert greedy(warmup) != [s["tokens"] for s in samples]  # ... not the warm-up model.
 
 
-def test_kill_9_mid_round_then_resume_equals_an_uninterrupted_run(warm, straight, tmp_path):
-  workdir = tmp_path / "killed"
-  for stage in ("collect", "tokenizer", "proxy_sft"):
-    shutil.copytree(warm / stage, workdir / stage)
+def test_kill_9_mid_round_then_resume_equals_an_uninterrupted_run(warm_workdir, straight, tmp_path):
+  workdir = copy_stages(warm_workdir, tmp_path / "killed", "collect", "tokenizer", "proxy_sft")
   proc = subprocess.Popen(_dpo(workdir), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   ckpts = workdir / "proxy_dpo" / "rounds" / "001" / "checkpoints"

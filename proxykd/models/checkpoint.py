@@ -73,6 +73,19 @@ def is_checkpoint(path: epath.PathLike) -> bool:
     return False
 
 
+def weights_identity(ref: dict[str, Any]) -> dict[str, Any]:
+  """What identifies the weights a reference names, for fingerprints of artefacts made with them
+  (a proxy cache): the reference, and the resolved step of a checkpoint or the sizes and times of
+  an HF directory's weight files."""
+  if "checkpoint" in ref:
+    root, step = resolve(ref["checkpoint"])
+    return {**ref, "checkpoint": str(root), "step": step}
+  if "hf" in ref:
+    files = sorted(epath.Path(ref["hf"]).glob("*.safetensors"))
+    return {**ref, "files": [(f.name, f.stat().length, int(f.stat().mtime)) for f in files]}
+  return dict(ref)
+
+
 def restore_meta(path: epath.PathLike) -> dict[str, Any]:
   root, step = resolve(path)
   with ocp.CheckpointManager(root) as mngr:

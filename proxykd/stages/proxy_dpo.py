@@ -8,6 +8,8 @@ Inputs: the corpus's D_p split, the tokenizer, the warm-up proxy (`<workdir>/pro
 - `rounds.jsonl`: one line per round (round 0 = the starting model) with the pair counts, the
   degenerate samples, the last DPO metrics, the held-out top-1 agreement with the teacher's tokens
   and NLL, the sampler's compiles; the same table is logged;
+- `final.json`: `{"checkpoint": the last round's checkpoints}`, written when every round is done:
+  later stages take the aligned proxy from it;
 - `hf/`: the aligned proxy (LoRA merged).
 A killed run resumes where it stopped: finished rounds are skipped, a round's sampling continues
 from its last complete batch (same seeds, same samples), its reference log-probs are reused and its
@@ -29,7 +31,7 @@ from proxykd.data import corpus, packing, pairs, pipeline, split, tokenize
 from proxykd.models import checkpoint, hf_io, lora
 from proxykd.models.sampling import Sampler
 from proxykd.models.tokenizer import end_of_turn_ids, fingerprint, load_tokenizer
-from proxykd.stages import proxy_sft
+from proxykd.stages import inputs
 from proxykd.train import preference, scoring, trainer
 from proxykd.train import sharding as shd
 
@@ -52,7 +54,7 @@ def _tokenizer(config, workdir, ref):
   if "checkpoint" in ref:
     recorded = checkpoint.restore_meta(ref["checkpoint"]).get("tokenizer")
   tok_dir = epath.Path(config.tokenizer) if config.tokenizer else (
-      epath.Path(recorded) if recorded else proxy_sft.tokenizer_dir(config, workdir))
+      epath.Path(recorded) if recorded else inputs.tokenizer_dir(config, workdir))
   tokenizer = load_tokenizer(tok_dir)
   if recorded and epath.Path(recorded) != tok_dir:
     from proxykd.models.tokenizer import check_same_tokenizer  # pylint: disable=g-import-not-at-top
@@ -154,7 +156,7 @@ def run(config, workdir):
   out.mkdir(parents=True, exist_ok=True)
   ref = _start_ref(config, workdir)
   tok_dir, tokenizer = _tokenizer(config, workdir, ref)
-  records, heldout, corpus_path = proxy_sft.load_split(config, workdir)
+  records, heldout, corpus_path = inputs.load_split(config, workdir)
   cfg = trainer.model_config(config, ref)
   mesh = trainer.make_mesh(config, {"model": cfg})
   shardings_for = trainer.shardings_for(mesh)
@@ -239,10 +241,11 @@ def run(config, workdir):
                      "sample_seconds": round(sample_s, 2), "train_seconds": round(time.perf_counter() - t1, 2)})
     last_done = k
     _log_table(rounds)
+  final = out / "rounds" / f"{d.rounds:03d}" / "checkpoints"
+  (out / inputs.FINAL).write_text(json.dumps({"checkpoint": str(final)}))
   if config.export:
     if params is None:
-      params, _ = checkpoint.restore_params(out / "rounds" / f"{d.rounds:03d}" / "checkpoints",
-                                            shardings_for)
+      params, _ = checkpoint.restore_params(final, shardings_for)
     export_cfg = cfg
     if cfg.lora_rank:
       params, export_cfg = lora.merge(params, cfg)

@@ -22,40 +22,58 @@ from proxykd.train import sharding as shd
 SCORE_KEYS = ("inputs", "targets", "positions", "segment_ids")
 
 
+def target_stats(chunk_len: int):
+  """Per slot: the log-probability of the target ("logp") and whether it is the argmax ("top1")."""
+  def stats(hidden, kernel, batch):
+    logp, top1 = losses.target_stats(hidden, kernel, batch["targets"], chunk_len)
+    return {"logp": logp, "top1": top1}
+  return stats
+
+
+def topk_stats(k: int, chunk_len: int, tau: float = 1.0):
+  """Per slot: the model's k most likely tokens ("ids", "logp") and the rest's log-mass ("tail")."""
+  def stats(hidden, kernel, batch):
+    del batch
+    ids, logp, tail = losses.topk_logprobs(hidden, kernel, k, chunk_len, tau)
+    return {"ids": ids, "logp": logp, "tail": tail}
+  return stats
+
+
 class Scorer:
-  """`scorer(params, rows) -> {"logp": [N, T] float32, "top1": [N, T] bool}`: the log-probability
-  of each slot's target and whether it is the model's argmax (padding slots: 0 / False)."""
+  """`scorer(params, rows) -> {name: [N, T, ...]}`: per-slot statistics of packed rows under a
+  model (default `target_stats`: the target's log-probability and whether it is the argmax;
+  padding slots hold whatever the model gives there)."""
 
   def __init__(self, cfg: ModelConfig, mesh: Mesh, global_batch: int, seq_len: int,
-               chunk_len: int = 256):
+               chunk_len: int = 256, stats=None):
     self.cfg, self.mesh, self.global_batch = cfg, mesh, global_batch
     model = Transformer(cfg)
+    stats = stats or target_stats(chunk_len)
 
     def score(params, batch):
       hidden = model.apply({"params": params}, batch["inputs"], batch["positions"],
                            batch["segment_ids"], return_hidden=True)
-      return losses.target_stats(hidden, lm_head_kernel(params, cfg), batch["targets"], chunk_len)
+      return stats(hidden, lm_head_kernel(params, cfg), batch)
 
     sharding = shd.batch_sharding(mesh)
     spec = {k: jax.ShapeDtypeStruct((global_batch, seq_len), np.int32, sharding=sharding)
             for k in SCORE_KEYS}
     param_sh = shd.param_shardings(cfg, mesh)
-    jitted = jax.jit(score, in_shardings=(param_sh, {k: sharding for k in SCORE_KEYS}),
-                     out_shardings=(sharding, sharding))
+    jitted = jax.jit(score, in_shardings=(param_sh, {k: sharding for k in SCORE_KEYS}))
     abstract = with_shardings(abstract_params(cfg), param_sh)
     with shd.mesh_context(mesh):
       self._compiled = jitted.lower(abstract, spec).compile()
     self.host = batches.HostSlice(sharding, global_batch)
 
-  def __call__(self, params, rows: Rows) -> dict[str, np.ndarray]:
-    arrays = {k: rows.arrays[k] for k in SCORE_KEYS}
-    logp, top1 = [], []
+  def __call__(self, params, rows: Rows, start: int = 0, stop: int | None = None
+               ) -> dict[str, np.ndarray]:
+    """Statistics of rows[start:stop] (all by default)."""
+    arrays = {k: rows.arrays[k][start:stop] for k in SCORE_KEYS}
+    out = []
     for batch in batches.fixed_batches(arrays, self.global_batch, self.host.rows):
-      lp, t1 = self._compiled(params, self.host.assemble(batch))
-      logp.append(_gather(lp))
-      top1.append(_gather(t1))
-    n = len(rows)
-    return {"logp": np.concatenate(logp)[:n], "top1": np.concatenate(top1)[:n]}
+      out.append({k: _gather(v) for k, v in self._compiled(params, self.host.assemble(batch)).items()})
+    n = len(arrays["inputs"])
+    return {k: np.concatenate([o[k] for o in out])[:n] for k in out[0]}
 
 
 def _gather(x: jax.Array) -> np.ndarray:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -19,33 +18,8 @@ from collections.abc import Iterator
 from absl import logging
 from etils import epath
 
+from proxykd.paths import copy_file as _copy, is_local, write_text  # pylint: disable=unused-import
 from proxykd.runner import UserError
-
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-def is_local(path: epath.PathLike) -> bool:
-  """Whether `path` is a file of this machine (not a URL such as gs://bucket/x)."""
-  return not _URL.match(os.fspath(path))
-
-
-def write_text(path: epath.PathLike, text: str) -> None:
-  """Replace the file at `path` with `text` in one step: a crash leaves the old content or the new."""
-  path = epath.Path(path)
-  if not is_local(path):
-    path.write_text(text, encoding="utf-8")  # Object stores replace an object atomically.
-    return
-  tmp = f"{os.fspath(path)}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def _copy(src: epath.Path, dst: epath.Path) -> None:
-  with src.open("rb") as fin, dst.open("wb") as fout:
-    shutil.copyfileobj(fin, fout, 1 << 20)
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from proxykd import paths
 from proxykd.data import packing, tokenize
 from proxykd.models.tokenizer import fingerprint
 
@@ -99,9 +100,7 @@ def save_rows(path: epath.PathLike, rows: packing.Rows, stats: tokenize.Truncati
   buf = io.BytesIO()
   np.savez(buf, **{f"a/{k}": v for k, v in rows.arrays.items()},
            docs=np.asarray(rows.docs, dtype=str), stats=np.asarray(json.dumps(stats.to_dict())))
-  tmp = path.parent / f"{path.name}.tmp"
-  tmp.write_bytes(buf.getvalue())
-  tmp.rename(path)
+  paths.write_bytes(path, buf.getvalue())
 
 
 def load_rows(path: epath.PathLike) -> tuple[packing.Rows, tokenize.TruncationStats]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from typing import Callable
 
 import jax
@@ -19,6 +18,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
+from proxykd import paths
 from proxykd.models import lora, safetensors_io
 from proxykd.models.config import ModelConfig, UnsupportedModelError, from_hf_config, to_hf_config
 from proxykd.models.transformer import abstract_params
@@ -130,10 +130,15 @@ def load_hf(directory: epath.PathLike, shardings=None, **config_overrides):
 
   `shardings`: a pytree of `jax.sharding.Sharding` matching our params (e.g. from
   `logical_to_sharding(logical_axes(cfg), mesh)`), or None for the default device. Config fields
-  such as dtype/param_dtype/remat/lora_rank can be overridden.
+  such as dtype/param_dtype/remat/lora_rank can be overridden. A directory that is not local
+  (gs://...) is copied to a temporary local one first (its JSON and safetensors files: the tensors
+  are read from memory maps), removed once the parameters are built.
   """
   directory = epath.Path(directory)
   cfg = read_hf_config(directory, **config_overrides)
+  if not paths.is_local(directory):  # Memory maps need local files: a temporary copy, removed after.
+    with paths.local_dir(directory, ("*.json", "*.safetensors"), prefix="proxykd-hf-") as local:
+      return load_hf(local, shardings, **config_overrides)
   ckpt = _Checkpoint(directory)
   mappings = _mappings(cfg)
   expected = {m.hf.format(i=i) for m in mappings for i in (range(cfg.num_layers) if m.stacked else [0])}
@@ -184,7 +189,8 @@ def export_hf(params, cfg: ModelConfig, out_dir: epath.PathLike, *, tokenizer_di
               dtype: str = "float32", max_shard_bytes: int = 4 << 30) -> epath.Path:
   """Write `params` as an HF directory (config.json, safetensors shards + index, tokenizer files).
 
-  LoRA adapters must be merged first (proxykd.models.lora). Streams one tensor at a time.
+  LoRA adapters must be merged first (proxykd.models.lora). Streams one tensor at a time, through
+  etils.epath: `out_dir` and `tokenizer_dir` may be remote (gs://...), with no local copy.
   """
   out_dir = epath.Path(out_dir)
   flat = dict(_flatten(params))
@@ -224,7 +230,7 @@ def export_hf(params, cfg: ModelConfig, out_dir: epath.PathLike, *, tokenizer_di
            [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
   weight_map, total = {}, 0
   for name, shard in zip(names, shards):
-    safetensors_io.write_file(os.fspath(out_dir / name), shard)
+    safetensors_io.write_file(out_dir / name, shard)
     for t in shard:
       weight_map[t[0]] = name
       total += int(np.prod(t[1])) * np_dtype.itemsize
@@ -237,7 +243,7 @@ def export_hf(params, cfg: ModelConfig, out_dir: epath.PathLike, *, tokenizer_di
     tokenizer_dir = epath.Path(tokenizer_dir)
     for fname in TOKENIZER_FILES:
       if (tokenizer_dir / fname).exists():
-        shutil.copyfile(os.fspath(tokenizer_dir / fname), os.fspath(out_dir / fname))
+        paths.copy_file(tokenizer_dir / fname, out_dir / fname)
     token_ids = _special_token_ids(tokenizer_dir)
   hf_config = to_hf_config(cfg, torch_dtype=dtype, **token_ids)
   (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))

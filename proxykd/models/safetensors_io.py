@@ -15,6 +15,9 @@ from typing import Callable, Iterable
 
 import ml_dtypes
 import numpy as np
+from etils import epath
+
+from proxykd import paths
 
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -56,10 +59,13 @@ class SafetensorsFile:
     return self._mmap[begin:end].view(_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
-def write_file(path: str | os.PathLike,
+def write_file(path: epath.PathLike,
                tensors: Iterable[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]],
                metadata: dict[str, str] | None = None) -> None:
-  """Write tensors given as (name, shape, dtype, produce) — each produced only when written."""
+  """Write tensors given as (name, shape, dtype, produce) — each produced only when written.
+
+  A local file is written beside `path` and renamed into place; any other epath (gs://...) is
+  streamed to its object (removed again if writing fails), so no local disk is needed."""
   tensors = list(tensors)
   header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
   offset = 0
@@ -70,13 +76,19 @@ def write_file(path: str | os.PathLike,
     offset += size
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)
-  tmp = os.fspath(path) + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(struct.pack("<Q", len(blob)))
-    f.write(blob)
-    for name, shape, dtype, produce in tensors:
-      array = np.ascontiguousarray(produce(), dtype=dtype)
-      if array.shape != tuple(shape):
-        raise ValueError(f"tensor {name}: produced shape {array.shape}, declared {tuple(shape)}")
-      f.write(array.reshape(-1).view(np.uint8).data)
-  os.replace(tmp, path)
+  local = paths.is_local(path)
+  target = epath.Path(f"{os.fspath(path)}.tmp" if local else path)
+  try:
+    with target.open("wb") as f:
+      f.write(struct.pack("<Q", len(blob)))
+      f.write(blob)
+      for name, shape, dtype, produce in tensors:
+        array = np.ascontiguousarray(produce(), dtype=dtype)
+        if array.shape != tuple(shape):
+          raise ValueError(f"tensor {name}: produced shape {array.shape}, declared {tuple(shape)}")
+        f.write(array.reshape(-1).view(np.uint8).data)
+  except BaseException:
+    target.unlink(missing_ok=True)  # An object store may have committed the part written.
+    raise
+  if local:
+    os.replace(target, path)

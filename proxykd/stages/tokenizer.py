@@ -4,7 +4,7 @@ from __future__ import annotations
 from absl import logging
 from etils import epath
 
-from proxykd import runner
+from proxykd import paths, runner
 from proxykd.data import corpus
 from proxykd.models.tokenizer import build_demo_tokenizer
 
@@ -25,7 +25,8 @@ def run(config, workdir):
     texts.extend(m["content"] for m in record["messages"] if isinstance(m.get("content"), str))
     texts.append(record["response"])
   out = output_dir(workdir)
-  tokenizer = build_demo_tokenizer(out, texts, vocab_size=config.vocab_size)
+  with paths.LocalMirror(out, prefix="proxykd-tokenizer-") as staged:  # Built locally, then copied.
+    tokenizer = build_demo_tokenizer(staged.local, texts, vocab_size=config.vocab_size)
   if len(tokenizer) > config.vocab_size:
     raise runner.UserError(f"tokenizer: {len(tokenizer)} tokens exceed vocab_size={config.vocab_size}")
   logging.info("tokenizer: %d tokens from %d texts of %s -> %s", len(tokenizer), len(texts), path, out)

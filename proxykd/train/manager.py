@@ -5,6 +5,10 @@ Items of every step (proxykd/models/checkpoint.py reads the first two, so `resto
 export stage work on training checkpoints):
 - `params`: the model parameters; `meta`: JSON with `model` (ModelConfig.to_dict()) and more;
 - `train`: optimizer state, step and RNG; `data`: JSON, the data iterator's position.
+
+The directory may be any etils.epath path: on gs://, orbax makes its directories and JSON items
+through epath (gcsfs) and writes the arrays with tensorstore's own gcs driver, marking finished
+steps with commit_success.txt instead of renaming them (tests/test_remote_workdir.py).
 """
 from __future__ import annotations
 

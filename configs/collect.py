@@ -21,14 +21,14 @@ def get_config(arg=None):
   c.progress = True
 
   c.prompts = ml_collections.ConfigDict(dict(
-      source=arg.source,  # synthetic | gsm8k | bbh | file
+      source=arg.source,  # synthetic | gsm8k | bbh | file | tfds:NAME[/CONFIG][:SPLIT]
       path="",  # source=file: a .jsonl, .json or .parquet file
       json_field="",  # .json whose list of rows sits under this key
       prompt_field="question",  # the column holding the user message text ...
       messages_field="",  # ... or a column already holding an OpenAI chat list
       meta_fields="",  # comma-separated columns copied into each record's `meta`
-      data_dir="",  # gsm8k/bbh root; default ../shared/data beside the repository
-      split="train",  # gsm8k: train|test; synthetic: train|heldout
+      data_dir="",  # gsm8k/bbh root (default ../shared/data beside the repository); tfds: its data_dir
+      split="train",  # gsm8k: train|test; synthetic: train|heldout; tfds: when the source names none
       tasks="all",  # bbh: "all" or comma-separated task names
       cot=False,  # bbh: put the task's 3-shot chain-of-thought prompt first
       num=2000,  # synthetic: how many problems

@@ -9,7 +9,13 @@ A prompt is `{"messages": [{"role", "content"}, ...], "meta": {...}}`. Sources (
 - `bbh`: `<data_dir>/bbh/tasks/<task>.json` for `tasks` ("all" or comma-separated), meta `task` and
   `target`; with `cot`, the task's 3-shot chain-of-thought prompt is put before the question.
 - `synthetic`: `num` problems of the synthetic teacher's generator (`split` train|heldout, `seed`).
-`data_dir` defaults to ../shared/data beside the repository. `offset`/`limit` take a slice.
+- `tfds:NAME[/CONFIG][:SPLIT]`: a TensorFlow Datasets dataset already prepared in `data_dir` (TFDS'
+  own default directory when empty), read with `tfds.data_source` (random access to its
+  ArrayRecord files: no TensorFlow, never a download); the split defaults to `split`. Text
+  features arrive as bytes and are decoded as UTF-8; then the field mapping of `file` applies.
+  tensorflow-datasets is an optional extra (requirements-tfds.txt).
+`data_dir` defaults to ../shared/data beside the repository (for tfds: TFDS' default). `offset`/`limit`
+take a slice.
 """
 from __future__ import annotations
 
@@ -140,6 +146,53 @@ def load_bbh(root: Path, tasks: str, cot: bool) -> list[dict]:
   return out
 
 
+TFDS_PREFIX = "tfds:"
+
+
+def _plain(value: Any) -> Any:
+  """A TFDS example's value as plain Python: bytes -> str, numpy scalars and arrays -> numbers and
+  lists, nested feature dicts kept."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  if isinstance(value, bytes):
+    return value.decode("utf-8")
+  if isinstance(value, dict):
+    return {k: _plain(v) for k, v in value.items()}
+  if isinstance(value, np.ndarray):
+    return [_plain(v) for v in value.tolist()] if value.dtype == object else value.tolist()
+  if isinstance(value, (list, tuple)):
+    return [_plain(v) for v in value]
+  if isinstance(value, np.generic):
+    return value.item()
+  return value
+
+
+def parse_tfds_source(source: str, default_split: str) -> tuple[str, str]:
+  """`tfds:NAME[/CONFIG][:SPLIT]` -> (NAME[/CONFIG], SPLIT); UserError when there is no name."""
+  name, _, split = source[len(TFDS_PREFIX):].partition(":")
+  if not name:
+    raise UserError(f"prompts.source={source!r}: expected tfds:NAME[/CONFIG][:SPLIT]")
+  return name, split or default_split or "train"
+
+
+def load_tfds_rows(source: str, data_dir: str = "", default_split: str = "train") -> tuple[list[dict], str]:
+  """The examples of a prepared TFDS dataset as plain dicts -> (rows, "tfds:NAME:SPLIT")."""
+  name, split = parse_tfds_source(source, default_split)
+  where = f"{TFDS_PREFIX}{name}:{split}"
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise UserError(f"prompts.source={source!r} needs tensorflow-datasets, an optional extra: "
+                    "pip install -r requirements-tfds.txt") from None
+  try:
+    ds = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+    rows = [_plain(ds[i]) for i in range(len(ds))]
+  except Exception as e:  # pylint: disable=broad-except  (tfds raises many types; all name the cause)
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise UserError(f"prompts.source={source!r} (data_dir {data_dir or 'TFDS default'}): "
+                    f"{type(e).__name__}: {first}") from None
+  return rows, where
+
+
 def load_synthetic(num: int, split: str, seed: int) -> list[dict]:
   from proxykd.teacher import problems  # pylint: disable=import-outside-toplevel
   return [{"messages": [{"role": "user", "content": p.question}],
@@ -162,7 +215,13 @@ def load_prompts(cfg: Any) -> list[dict]:
     prompts = load_bbh(data_dir(cfg.data_dir), cfg.tasks, cfg.cot)
   elif source == "synthetic":
     prompts = load_synthetic(cfg.num, cfg.split or "train", cfg.seed)
+  elif source.startswith(TFDS_PREFIX):
+    rows, where = load_tfds_rows(source, cfg.data_dir, cfg.split)
+    prompts = rows_to_prompts(rows, where, prompt_field=cfg.prompt_field,
+                              messages_field=cfg.messages_field, meta_fields=cfg.meta_fields,
+                              meta={"source": where})
   else:
-    raise UserError(f"prompts.source={source!r}: choose file, gsm8k, bbh or synthetic")
+    raise UserError(f"prompts.source={source!r}: choose file, gsm8k, bbh, synthetic or "
+                    "tfds:NAME[/CONFIG][:SPLIT]")
   end = cfg.offset + cfg.limit if cfg.limit > 0 else None
   return prompts[cfg.offset:end]

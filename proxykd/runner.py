@@ -122,5 +122,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None) -> Any:
   workdir = absolute_path(workdir or config.get("workdir") or "")
   if not workdir:
     raise UserError(f"--workdir is required for stage {stage!r}")
-  write_config(config, stage_dir(workdir, stage) / "config.json")
+  # A stage that runs under several names in one workdir (the student and its baselines) writes
+  # into <workdir>/<run_name>/.
+  write_config(config, stage_dir(workdir, config.get("run_name") or stage) / "config.json")
   return module.run(config, workdir)

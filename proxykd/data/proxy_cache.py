@@ -7,7 +7,9 @@ Layout under the cache directory:
 - `shard-<s>/`: one directory per block of packed rows, written to a temporary name and renamed
   when complete (a killed run leaves no half shard): `keys.npy` (record index into `docs.json`,
   token offset) [n, 2] int64, `ids.npy` [n, k] int32, `logp.npy` [n, k] float32, `tail.npy` [n]
-  float32, `docs.json` (the record ids the shard's keys index).
+  float32, `docs.json` (the record ids the shard's keys index), `mean_logp.npy` [len(docs)] (each
+  record's mean log-probability of its response tokens under the proxy at temperature 1: the
+  sample weights' l_i, Eq. 9).
 Positions are keyed by (record id, token offset in the record's tokenisation), so a student's rows
 join the cache however they are packed (`CacheFeature`), and a cache made under other rows or
 another proxy is refused (proxykd/data/pipeline.py `check_fingerprint`).
@@ -56,7 +58,7 @@ def _save(path: epath.Path, array: np.ndarray) -> None:
 
 
 def write_shard(root: epath.PathLike, s: int, docs: list[str], keys: np.ndarray, ids: np.ndarray,
-                logp: np.ndarray, tail: np.ndarray) -> int:
+                logp: np.ndarray, tail: np.ndarray, mean_logp: np.ndarray) -> int:
   """Write shard s atomically (a temporary directory renamed). -> bytes written."""
   final = shard_dir(root, s)
   tmp = final.parent / f"{final.name}.tmp"
@@ -66,6 +68,7 @@ def write_shard(root: epath.PathLike, s: int, docs: list[str], keys: np.ndarray,
   for name, array in zip(ARRAYS, (keys.astype(np.int64), ids.astype(np.int32),
                                   logp.astype(np.float32), tail.astype(np.float32))):
     _save(tmp / f"{name}.npy", array)
+  _save(tmp / "mean_logp.npy", np.asarray(mean_logp, np.float64))
   (tmp / "docs.json").write_text(json.dumps(docs))
   tmp.rename(final)
   return sum((final / f"{n}.npy").stat().length for n in ARRAYS)
@@ -77,7 +80,7 @@ def shard_done(root: epath.PathLike, s: int) -> bool:
 
 def read_shard(root: epath.PathLike, s: int) -> tuple[list[str], dict[str, np.ndarray]]:
   d = shard_dir(root, s)
-  arrays = {n: np.load(io.BytesIO((d / f"{n}.npy").read_bytes())) for n in ARRAYS}
+  arrays = {n: np.load(io.BytesIO((d / f"{n}.npy").read_bytes())) for n in ARRAYS + ("mean_logp",)}
   return json.loads((d / "docs.json").read_text()), arrays
 
 
@@ -97,10 +100,11 @@ class ProxyCache:
       raise FileNotFoundError(f"{self.root}: shards {missing[:5]} are missing; the cache_proxy "
                               "stage did not finish (rerun it to complete the cache)")
     self.k = manifest["fingerprint"]["k"]
-    parts, self._where = [], {}
+    parts, self._where, self._mean_logp = [], {}, {}
     base = 0
     for s in range(manifest["num_shards"]):
       docs, arrays = read_shard(self.root, s)
+      self._mean_logp.update(zip(docs, arrays.pop("mean_logp").tolist()))
       keys = arrays["keys"]
       order = np.lexsort((keys[:, 1], keys[:, 0]))
       arrays = {n: a[order] for n, a in arrays.items()}
@@ -115,6 +119,11 @@ class ProxyCache:
     self.ids = np.concatenate([p["ids"] for p in parts]) if parts else np.zeros((0, self.k), np.int32)
     self.logp = np.concatenate([p["logp"] for p in parts]) if parts else np.zeros((0, self.k), np.float32)
     self.tail = np.concatenate([p["tail"] for p in parts]) if parts else np.zeros(0, np.float32)
+
+  def record_mean_logp(self) -> tuple[list[str], np.ndarray]:
+    """(record ids, their mean response log-probability under the proxy): Eq. 9's l_i."""
+    ids = sorted(self._mean_logp)
+    return ids, np.asarray([self._mean_logp[i] for i in ids])
 
   def lookup(self, record_id: str, offsets: np.ndarray) -> np.ndarray:
     """Rows of the cache arrays for these offsets of a record (-1 where not cached)."""

@@ -19,6 +19,7 @@ from etils import epath
 
 from proxykd import runner
 from proxykd.data import pipeline, proxy_cache
+from proxykd.estimator import weights
 from proxykd.models import checkpoint
 from proxykd.models.tokenizer import load_tokenizer
 from proxykd.stages import inputs
@@ -47,13 +48,16 @@ def rows_for(config, workdir, tokenizer, out: epath.Path):
 
 
 def _shard_arrays(stats, rows, lo, hi):
-  """The response positions of rows[lo:hi]: (docs, keys, ids, logp, tail)."""
+  """The response positions of rows[lo:hi]: (docs, keys, ids, logp, tail, each doc's mean logp)."""
   mask = rows.arrays["loss_mask"][lo:hi] > 0
   doc = rows.arrays["doc"][lo:hi][mask]
   local, index = np.unique(doc, return_inverse=True)
   keys = np.stack([index, rows.arrays["offset"][lo:hi][mask]], axis=1)
-  return ([rows.docs[d] for d in local], keys, stats["ids"][mask], stats["logp"][mask],
-          stats["tail"][mask])
+  docs = [rows.docs[d] for d in local]
+  means = dict(zip(*weights.per_record_mean_logp(stats["target_logp"], rows.arrays["loss_mask"][lo:hi],
+                                                  rows.arrays["doc"][lo:hi], rows.docs)))
+  return (docs, keys, stats["ids"][mask], stats["logp"][mask], stats["tail"][mask],
+          np.asarray([means[d] for d in docs]))
 
 
 def verify(scorer, params, rows, cache: proxy_cache.ProxyCache, n: int, seed: int) -> dict:
@@ -108,8 +112,11 @@ def run(config, workdir):
   if len(tokenizer) > cfg.vocab_size:
     raise runner.UserError(f"the tokenizer {tok_dir} has {len(tokenizer)} tokens, more than the "
                            f"proxy's vocabulary ({cfg.vocab_size})")
+  target = scoring.target_stats(config.loss_chunk)
+  stats = scoring.combined(scoring.topk_stats(config.k, config.loss_chunk, tau),
+                           lambda h, k, b: {"target_logp": target(h, k, b)["logp"]})
   scorer = scoring.Scorer(cfg, mesh, config.batch_size, config.data.seq_len, config.loss_chunk,
-                          stats=scoring.topk_stats(config.k, config.loss_chunk, tau))
+                          stats=stats)
   todo = [s for s in range(num_shards) if not proxy_cache.shard_done(out, s)]
   logging.info("%s: %d rows of D_s in %d shards (%d to do), k=%d, tau=%g, proxy %s", STAGE,
                len(rows), num_shards, len(todo), config.k, tau, ref)

@@ -91,6 +91,17 @@ def proxy_ref(config, workdir) -> dict[str, Any]:
                          "those stages or set --config.proxy=CHECKPOINT_OR_HF_DIR")
 
 
+def inference_config(ref: dict[str, Any]) -> ModelConfig:
+  """The (LoRA-free) config of the model a reference names, without loading its weights."""
+  try:
+    if "hf" in ref:
+      return hf_io.read_hf_config(ref["hf"])
+    return ModelConfig.from_dict(checkpoint.restore_meta(ref["checkpoint"])["model"]).replace(
+        lora_rank=0)
+  except (FileNotFoundError, ValueError) as e:
+    raise runner.UserError(f"{ref}: {e}") from None
+
+
 def model_for_inference(ref: dict[str, Any], shardings_for) -> tuple[Any, ModelConfig]:
   """(params with LoRA merged, their config) of a reference, placed by `shardings_for(cfg)`."""
   try:

@@ -39,14 +39,27 @@ def topk_stats(k: int, chunk_len: int, tau: float = 1.0):
   return stats
 
 
+def combined(*stats_fns):
+  """Several statistics from one forward pass."""
+  def stats(hidden, kernel, batch):
+    out = {}
+    for fn in stats_fns:
+      out.update(fn(hidden, kernel, batch))
+    return out
+  return stats
+
+
 class Scorer:
   """`scorer(params, rows) -> {name: [N, T, ...]}`: per-slot statistics of packed rows under a
   model (default `target_stats`: the target's log-probability and whether it is the argmax;
   padding slots hold whatever the model gives there)."""
 
   def __init__(self, cfg: ModelConfig, mesh: Mesh, global_batch: int, seq_len: int,
-               chunk_len: int = 256, stats=None):
+               chunk_len: int = 256, stats=None, features: dict | None = None):
+    """`features`: {name: (per-slot shape, dtype)} of further row arrays `stats` reads (e.g. the
+    teacher's top-k ids, [k] int32), passed in the batch beside SCORE_KEYS."""
     self.cfg, self.mesh, self.global_batch = cfg, mesh, global_batch
+    self.keys = SCORE_KEYS + tuple(features or {})
     model = Transformer(cfg)
     stats = stats or target_stats(chunk_len)
 
@@ -56,10 +69,12 @@ class Scorer:
       return stats(hidden, lm_head_kernel(params, cfg), batch)
 
     sharding = shd.batch_sharding(mesh)
-    spec = {k: jax.ShapeDtypeStruct((global_batch, seq_len), np.int32, sharding=sharding)
-            for k in SCORE_KEYS}
+    shapes = {**{k: ((), np.int32) for k in SCORE_KEYS}, **(features or {})}
+    spec = {k: jax.ShapeDtypeStruct((global_batch, seq_len, *shape), dtype,
+                                    sharding=shd.batch_sharding(mesh, 2 + len(shape)))
+            for k, (shape, dtype) in shapes.items()}
     param_sh = shd.param_shardings(cfg, mesh)
-    jitted = jax.jit(score, in_shardings=(param_sh, {k: sharding for k in SCORE_KEYS}))
+    jitted = jax.jit(score, in_shardings=(param_sh, {k: v.sharding for k, v in spec.items()}))
     abstract = with_shardings(abstract_params(cfg), param_sh)
     with shd.mesh_context(mesh):
       self._compiled = jitted.lower(abstract, spec).compile()
@@ -68,7 +83,7 @@ class Scorer:
   def __call__(self, params, rows: Rows, start: int = 0, stop: int | None = None
                ) -> dict[str, np.ndarray]:
     """Statistics of rows[start:stop] (all by default)."""
-    arrays = {k: rows.arrays[k][start:stop] for k in SCORE_KEYS}
+    arrays = {k: rows.arrays[k][start:stop] for k in self.keys}
     out = []
     for batch in batches.fixed_batches(arrays, self.global_batch, self.host.rows):
       out.append({k: _gather(v) for k, v in self._compiled(params, self.host.assemble(batch)).items()})

@@ -91,7 +91,8 @@ class Result:
 def fit(config, out_dir: epath.PathLike, cfg: ModelConfig, mesh: Mesh, loss: sp.Loss, rows: Rows,
         eval_rows: Rows | None, meta: dict[str, Any], ref: dict[str, Any], *,
         frozen: dict | None = None, frozen_spec: dict | None = None,
-        features: Sequence[batches.BatchFeature] = (), start=None) -> Result:
+        features: Sequence[batches.BatchFeature] = (), start=None,
+        eval_loss: sp.Loss | None = None) -> Result:
   """Train `cfg` (initial weights from `ref`) on `rows`, resuming from `<out_dir>/checkpoints`.
 
   `start`: the full initial parameters, already on the mesh, instead of loading `ref` (e.g. the
@@ -99,7 +100,9 @@ def fit(config, out_dir: epath.PathLike, cfg: ModelConfig, mesh: Mesh, loss: sp.
   base of a LoRA model in the checkpoints' meta.
   `frozen` / `frozen_spec`: other models' parameters the loss reads and their ShapeDtypeStructs
   with shardings (state.model_spec); a LoRA model's base joins them as frozen["base"].
-  `features`: per-batch host features added to each batch (proxykd/data/batches.py).
+  `features`: per-batch host features added to each training batch (proxykd/data/batches.py).
+  `eval_loss`: what the held-out rows are scored with (default `loss`; it then gets the same
+  features), e.g. the plain NLL of the teacher's tokens for a distillation run.
   """
   out_dir = epath.Path(out_dir)
   tc = config.train
@@ -107,7 +110,8 @@ def fit(config, out_dir: epath.PathLike, cfg: ModelConfig, mesh: Mesh, loss: sp.
   frozen_spec.update(st.base_spec(cfg, mesh))
   host = batches.HostSlice(shd.batch_sharding(mesh), tc.batch_size)
   data = batches.BatchIterator(rows.arrays, tc.batch_size, config.data.seed, host.rows, features)
-  eval_batches = (batches.fixed_batches(eval_rows.arrays, tc.batch_size, host.rows, features)
+  eval_features = features if eval_loss is None else ()
+  eval_batches = (batches.fixed_batches(eval_rows.arrays, tc.batch_size, host.rows, eval_features)
                   if eval_rows is not None and len(eval_rows) else [])
   steps = math.ceil(tc.epochs * data.num_rows / tc.batch_size) if tc.epochs > 0 else tc.steps
   meta = {**meta, "model": cfg.to_dict(), "steps": steps, **({"base": ref} if cfg.lora_rank else {})}
@@ -118,8 +122,10 @@ def fit(config, out_dir: epath.PathLike, cfg: ModelConfig, mesh: Mesh, loss: sp.
   spec = sp.batch_spec(batches.local_spec(rows.arrays, len(host.rows), features), tc.batch_size, mesh)
   compiled = sp.compile_step(sp.make_train_step(loss, tx, schedule, grad_accum=tc.grad_accum),
                              abstract, shardings, spec, frozen_spec, mesh)
-  eval_fn = (sp.compile_eval(sp.make_eval_step(loss), abstract.params, shardings.params, spec,
-                             frozen_spec, mesh) if eval_batches else None)
+  eval_spec = spec if eval_loss is None else sp.batch_spec(
+      batches.local_spec(eval_rows.arrays, len(host.rows)), tc.batch_size, mesh)
+  eval_fn = (sp.compile_eval(sp.make_eval_step(eval_loss or loss), abstract.params, shardings.params,
+                             eval_spec, frozen_spec, mesh) if eval_batches else None)
 
   ckpt = manager.TrainCheckpoints(out_dir / "checkpoints", keep=tc.keep, async_save=tc.async_save)
   latest = ckpt.latest_step()

@@ -127,7 +127,7 @@ class Counts:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f"{path.name}.tmp"
     tmp.write_bytes(buf.getvalue())
-    tmp.rename(path)
+    tmp.replace(path)
 
   @classmethod
   def load(cls, path: epath.PathLike) -> "Counts":

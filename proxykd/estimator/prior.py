@@ -390,34 +390,3 @@ class PriorView:
     probs = (1.0 - self.floor) * value.astype(np.float64) + self.floor / v
     rest = np.maximum(1.0 - probs.sum(axis=1), 0.0) / (v - k) if v > k else np.zeros(p)
     return SparsePrior(tok, probs.astype(np.float32), rest.astype(np.float32))
-
-  # ------------------------------------------------------------------------------ reference
-  def dense(self, history: np.ndarray, labels: np.ndarray | None = None,
-            loo: np.ndarray | bool = False) -> np.ndarray:
-    """The exact untruncated pi [P, V] (float64), evaluated token by token from the counts: a
-    slow reference for tests and small vocabularies."""
-    history = np.asarray(history)
-    p, v = len(history), self.vocab_size
-    loo = np.broadcast_to(np.asarray(loo, bool), (p,))
-    ctx = self._contexts(history)
-    prob = np.full((p, v), 1.0 / v)
-    ycount = np.zeros((p, self.order + 1))
-    if loo.any():
-      idx = np.flatnonzero(loo)
-      ycount[idx] = self._label_counts(ctx[idx], np.asarray(labels)[idx])
-    for n in range(1, self.order + 1):
-      t = self.counts.orders[n - 1]
-      for i in range(p):
-        c = ctx[i, n]
-        cnt = np.zeros(v)
-        if c >= 0:
-          cnt[t.tok[t.start[c]:t.start[c + 1]]] = t.cnt[t.start[c]:t.start[c + 1]]
-        total, distinct = cnt.sum(), float(np.sum(cnt > 0))
-        if loo[i]:
-          y = int(labels[i])
-          cnt[y] -= 1.0
-          total -= 1.0
-          distinct -= float(cnt[y] == 0)
-        a, b = self._weights(np.array([total]), np.array([distinct]), self.discounts[n])
-        prob[i] = a[0] * np.where(cnt > 0, cnt - self.discounts[n], 0.0) + b[0] * prob[i]
-    return (1.0 - self.floor) * prob + self.floor / v

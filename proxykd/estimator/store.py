@@ -31,7 +31,7 @@ def save(directory: epath.PathLike, counts: Counts, meta: dict[str, Any]) -> Non
   counts.save(d / COUNTS)
   tmp = d / f"{META}.tmp"
   tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
-  tmp.rename(d / META)
+  tmp.replace(d / META)
 
 
 def read_meta(directory: epath.PathLike) -> dict[str, Any]:

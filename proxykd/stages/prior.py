@@ -12,6 +12,7 @@ import hashlib
 import json
 import time
 
+import jax
 import numpy as np
 from absl import logging
 from etils import epath
@@ -103,15 +104,17 @@ def run(config, workdir):
       "defaults": {"order": order, "smoothing": str(Smoothing.parse(config.smoothing)),
                    "k": config.k, "floor": config.floor},
   }
-  store.save(out, counts, meta)
+  if jax.process_index() == 0:  # every host counts the same corpus; one writes it
+    store.save(out, counts, meta)
   view = PriorView(counts, order=order, smoothing=config.smoothing, k=config.k,
                    vocab_size=len(tokenizer), floor=config.floor)
   summary = {"records": len(records), "tokens": counts.num_tokens, "build_seconds": round(seconds, 3),
              "ngrams_per_order": [int(len(o.tok)) for o in counts.orders],
              "contexts_per_order": [int(len(o.ctx_keys)) for o in counts.orders],
-             "bytes": int((out / store.COUNTS).stat().length),
+             "bytes": counts.nbytes(),
              **meta["defaults"], **heldout_nats(view, parts[split.HELDOUT], tokenizer, config.data)}
-  (out / "summary.json").write_text(json.dumps(summary, indent=2))
+  if jax.process_index() == 0:
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
   logging.info("%s: %s", STAGE, summary)
   print(f"{STAGE}: {json.dumps(summary)}")
   return out

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 
+import jax
 import numpy as np
 from absl import logging
 from etils import epath
@@ -122,6 +123,45 @@ def _teacher_reference(records, rows, valid) -> dict:
   return {"teacher_reported_nats_per_token": total / max(tokens, 1), "teacher_records": len(with_lp)}
 
 
+def _proxy_scores(config, cfg, mesh, params, rows, taus, kt) -> dict[str, np.ndarray]:
+  """One forward of the proxy over all rows: log q_tau at the targets (and the teacher's ids)."""
+  scorer = scoring.Scorer(cfg, mesh, config.batch_size, config.data.seq_len, config.loss_chunk,
+                          stats=cal.proxy_stats(taus, config.loss_chunk, kt),
+                          features={"teacher_ids": ((kt,), np.int32)} if kt else None)
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  blocks = [scorer(params, rows, lo, lo + ROWS_PER_BLOCK)
+            for lo in tqdm(range(0, len(rows), ROWS_PER_BLOCK), desc=f"{STAGE}: proxy", unit="block",
+                           disable=not config.progress_bar, dynamic_ncols=True)]
+  return {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
+
+
+def _prior_scores(config, counts, vocab_size, variants, rows, corpus_rows, valid, t_ids):
+  """log pi(y) (and log pi at the teacher's ids) for every (order, smoothing) of the grid."""
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  at_y, at_t = {}, {}
+  for order, sm in tqdm(variants, desc=f"{STAGE}: prior", unit="variant",
+                        disable=not config.progress_bar, dynamic_ncols=True):
+    view = PriorView(counts, order=order, smoothing=sm, k=config.k, vocab_size=vocab_size,
+                     floor=config.floor)
+    try:
+      at_y[(order, sm)], at_t[(order, sm)] = _prior_at(view, rows, corpus_rows, valid, t_ids)
+    except ValueError as e:
+      raise runner.UserError(f"{STAGE}: {e} (is config.split the prior's?)") from None
+  return at_y, at_t
+
+
+def _teacher_outputs(teacher, records, rows, valid, evidence, log_pi_y, log_q_y, c) -> dict:
+  """Coverage, the teacher's own score, and the chosen setting's score with the override."""
+  info = {"coverage": teacher.coverage.to_dict(), **_teacher_reference(records, rows, valid)}
+  if evidence is not None:
+    at_y = np.asarray(cal.posterior.label_logprob(log_pi_y[(c.order, c.smoothing)],
+                                                  log_q_y[c.tau], c.kappa, c.m, False), np.float64)
+    covered = rows.arrays["teacher_ids"][valid][:, 0] >= 0
+    at_y[covered] = cal.override_logprob(evidence, at_y[covered], c)
+    info["chosen_with_teacher_topk_nats_per_token"] = float(-at_y.mean())
+  return info
+
+
 def run(config, workdir):
   out = epath.Path(config.output or runner.stage_dir(workdir, STAGE))
   out.mkdir(parents=True, exist_ok=True)
@@ -141,10 +181,6 @@ def run(config, workdir):
   try:
     rows, _ = pipeline.build_rows(records, tokenizer, config.data, shuffle=False,
                                   transform=teacher, transform_key=teacher.key if teacher else "")
-  except ValueError as e:
-    raise runner.UserError(str(e)) from None
-
-  try:
     mesh = shd.mesh_from_config(config.mesh)
   except ValueError as e:
     raise runner.UserError(str(e)) from None
@@ -153,74 +189,46 @@ def run(config, workdir):
     shd.validate_mesh(mesh, {"proxy": cfg}, config.batch_size)
   except ValueError as e:
     raise runner.UserError(str(e).replace("config.train.batch_size", "config.batch_size")) from None
+
   taus = sorted({s.tau for s in settings})
   kt = config.teacher_topk if teacher else 0
-  scorer = scoring.Scorer(cfg, mesh, config.batch_size, config.data.seq_len, config.loss_chunk,
-                          stats=cal.proxy_stats(taus, config.loss_chunk, kt),
-                          features={"teacher_ids": ((kt,), np.int32)} if kt else None)
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  blocks = []
-  for lo in tqdm(range(0, len(rows), ROWS_PER_BLOCK), desc=f"{STAGE}: proxy", unit="block",
-                 disable=not config.progress_bar, dynamic_ncols=True):
-    blocks.append(scorer(params, rows, lo, lo + ROWS_PER_BLOCK))
-  scores = {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
+  scores = _proxy_scores(config, cfg, mesh, params, rows, taus, kt)
   valid = rows.arrays["loss_mask"] > 0
   log_q_y = {tau: scores["logq"][..., j][valid].astype(np.float64) for j, tau in enumerate(taus)}
-
-  variants = sorted({(s.order, s.smoothing) for s in settings})
-  log_pi_y, log_pi_t = {}, {}
   t_ids = rows.arrays["teacher_ids"] if kt else None
-  for order, sm in tqdm(variants, desc=f"{STAGE}: prior", unit="variant",
-                        disable=not config.progress_bar, dynamic_ncols=True):
-    view = PriorView(counts, order=order, smoothing=sm, k=config.k, vocab_size=cfg.vocab_size,
-                     floor=config.floor)
-    try:
-      log_pi_y[(order, sm)], log_pi_t[(order, sm)] = _prior_at(view, rows, corpus_rows, valid, t_ids)
-    except ValueError as e:
-      raise runner.UserError(f"{STAGE}: {e}") from None
+  log_pi_y, log_pi_t = _prior_scores(config, counts, cfg.vocab_size,
+                                     sorted({(s.order, s.smoothing) for s in settings}), rows,
+                                     corpus_rows, valid, t_ids)
   nats = cal.score_grid(settings, log_pi_y, log_q_y)
 
   evidence = None
-  extra: dict[str, float] = {}
-  if kt:
-    ids = t_ids[valid]
-    covered = ids[:, 0] >= 0
-    if covered.any():
-      evidence = cal.TeacherEvidence(
-          ids[covered], rows.arrays["teacher_logp"][valid][covered],
-          rows.arrays["targets"][valid][covered],
-          {v: x[covered] for v, x in log_pi_t.items()},
-          {tau: scores["logq_teacher"][..., j, :][valid][covered].astype(np.float64)
-           for j, tau in enumerate(taus)})
+  if kt and (t_ids[valid][:, 0] >= 0).any():
+    covered = t_ids[valid][:, 0] >= 0
+    evidence = cal.TeacherEvidence(
+        t_ids[valid][covered], rows.arrays["teacher_logp"][valid][covered],
+        rows.arrays["targets"][valid][covered], {v: x[covered] for v, x in log_pi_t.items()},
+        {tau: scores["logq_teacher"][..., j, :][valid][covered].astype(np.float64)
+         for j, tau in enumerate(taus)})
   chosen, how = cal.choose(settings, nats, evidence)
   c = settings[chosen]
   families = {"prior only": cal.best_of(settings, nats, "prior"),
               "proxy only": cal.best_of(settings, nats, "proxy"),
               "posterior": cal.best_of(settings, nats, "posterior")}
-  teacher_info: dict = {}
-  if teacher:
-    teacher_info = {"coverage": teacher.coverage.to_dict(), **_teacher_reference(records, rows, valid)}
-    if "teacher_reported_nats_per_token" in teacher_info:
-      extra["teacher (own)"] = teacher_info["teacher_reported_nats_per_token"]
-    if evidence is not None:
-      at_y = np.asarray(cal.posterior.label_logprob(log_pi_y[(c.order, c.smoothing)],
-                                                    log_q_y[c.tau], c.kappa, c.m, False), np.float64)
-      covered = rows.arrays["teacher_ids"][valid][:, 0] >= 0
-      at_y[covered] = cal.override_logprob(evidence, at_y[covered], c)
-      teacher_info["chosen_with_teacher_topk_nats_per_token"] = float(-at_y.mean())
-      extra["chosen+teacher"] = teacher_info["chosen_with_teacher_topk_nats_per_token"]
+  teacher_info = (_teacher_outputs(teacher, records, rows, valid, evidence, log_pi_y, log_q_y, c)
+                  if teacher else {})
+  extra = {name: teacher_info[key] for name, key in (
+      ("teacher (own)", "teacher_reported_nats_per_token"),
+      ("chosen+teacher", "chosen_with_teacher_topk_nats_per_token")) if key in teacher_info}
 
   n_tokens = int(valid.sum())
+  row = lambda i: {**settings[i].to_dict(), "nats_per_token": float(nats[i])}  # noqa: E731
   table = {
       "eval_split": config.eval_split, "leave_one_out": corpus_rows, "records": len(records),
       "tokens": n_tokens, "corpus": str(corpus), "prior": str(prior_dir), "proxy": ref,
-      "settings": [{**s.to_dict(), "nats_per_token": float(n)} for s, n in zip(settings, nats)],
-      "best": {name: ({**settings[i].to_dict(), "nats_per_token": float(nats[i])} if i is not None
-                      else None) for name, i in families.items()},
-      "chosen": {**c.to_dict(), "nats_per_token": float(nats[chosen]), **how},
-      "teacher": teacher_info,
+      "settings": [row(i) for i in range(len(settings))],
+      "best": {name: (row(i) if i is not None else None) for name, i in families.items()},
+      "chosen": {**row(chosen), **how}, "teacher": teacher_info,
   }
-  (out / "table.json").write_text(json.dumps(table, indent=2))
   best = {k: (float(nats[i]) if i is not None else None) for k, i in families.items()}
   chosen_json = {"kappa": c.kappa, "m": cal.json_number(c.m), "tau": c.tau, "order": c.order,
                  "smoothing": c.smoothing, "k": config.k, "floor": config.floor,
@@ -228,17 +236,20 @@ def run(config, workdir):
                  "proxy_only_nats_per_token": best["proxy only"], "rule": how["rule"],
                  "tokens": n_tokens, "eval_split": config.eval_split, "prior": str(prior_dir),
                  "prior_tokens": prior_meta.get("tokens"), "proxy": ref}
-  (out / "chosen.json").write_text(json.dumps(chosen_json, indent=2))
-  if config.plot:
-    cal.plot(settings, nats, chosen, out / "calibration.png")
+  if jax.process_index() == 0:  # every host computed the same numbers; one writes them
+    (out / "table.json").write_text(json.dumps(table, indent=2))
+    (out / "chosen.json").write_text(json.dumps(chosen_json, indent=2))
+    if config.plot:
+      cal.plot(settings, nats, chosen, out / "calibration.png")
   text = cal.format_table(settings, nats, chosen, families, extra)
   if teacher:
     cov = teacher.coverage.to_dict()
     text += (f"\nteacher top-k: {cov['with_candidates']}/{cov['response_tokens']} response tokens "
              f"covered ({cov['with_candidates_fraction']:.1%}); {cov['mapped']}/{cov['candidates']} "
              f"candidates map to single tokens ({cov['mapped_candidate_fraction']:.1%})")
-  text += f"\n({n_tokens} tokens of {len(records)} {config.eval_split} records{', leave-one-out' if corpus_rows else ''})"
-  logging.info("%s: chosen %s (%.4f nats/token); wrote %s", STAGE, chosen_json["rule"],
+  loo = ", leave-one-out" if corpus_rows else ""
+  text += f"\n({n_tokens} tokens of {len(records)} {config.eval_split} records{loo})"
+  logging.info("%s: chosen by %s (%.4f nats/token); wrote %s", STAGE, chosen_json["rule"],
                chosen_json["nats_per_token"], out)
   print(text)
   return out

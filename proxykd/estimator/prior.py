@@ -20,18 +20,19 @@ construction; it is the pi the posterior kernel reads (the mass below the top K 
 
 How the top K is found fast (the query is on the data pipeline's hot path). Expanding the
 recursion, p_N(w) = sum_n beta_n (c_n(w) - D_n) [c_n(w) > 0] + B_0 / V, where the per-position
-coefficients beta_n = a_n prod_{j > n} b_j depend only on the position's context counts. For every
-context the view keeps a LIST: its K + 1 continuations ranked by p_n(w|h) (non-LOO), each with its
-counts along the suffix chain (c_1..c_n) and its rank in each shorter context's list. A query
-gathers the lists of the position's contexts at every order, drops a token's copies in shorter
-lists when a longer one holds it, evaluates the exact (LOO) probability of every candidate from
-its counts, and keeps the K best. Without leave-one-out this top K is exact: a token missing from
-the list of its longest context is outranked there by K + 1 tokens whose final probabilities are
-at least as large (the terms of longer orders are non-negative). With leave-one-out the lists are
-the full corpus's; the one extra list slot covers the label dropping out of a list, but a token
-whose LOO probability overtakes the (K+1)-th of a list by the re-weighting of orders could be
-missed, in which case it gets `rest` like any token outside the top K (pi stays proper; the
-probabilities returned are always exact).
+coefficients beta_n = a_n prod_{j > n} b_j depend only on the position's context counts. The view
+keeps candidate LISTS of K + 1 tokens: for each order-2 context the top of p_2 over every token (its
+continuations merged with the unigram back-off; there are at most V such contexts), for each longer
+context its own continuations ranked by p_n(w|h); each entry with its counts along the suffix chain
+(c_1..c_n) and its rank in each shorter context's list. A query gathers the lists of the position's
+contexts, drops a token's copies in shorter lists when a longer one holds it, evaluates the exact
+(LOO) probability of every candidate from its counts, and keeps the K best. Without leave-one-out
+this top K is exact: a token missing from the list of its longest context is outranked there by K +
+1 tokens whose final probabilities are at least as large (the terms of longer orders are
+non-negative). With leave-one-out the lists are the full corpus's; the extra slot covers the label
+dropping out of a list, but a token whose LOO probability overtakes the last of a list through the
+re-weighting of orders could be missed, in which case it gets `rest` like any token outside the top
+K (pi stays proper; the probabilities returned are always exact).
 """
 from __future__ import annotations
 

@@ -11,6 +11,14 @@ from typing import Any
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+# `model.attention`: how attention is computed (proxykd/models/attention.py). `auto` picks the fastest
+# one the backend and the inputs support; the others force one (where its backend is absent, xla).
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas_gpu", "splash")
+# `model.remat`: what each scanned layer keeps for the backward pass (proxykd/models/transformer.py
+# `REMAT_POLICIES`): none keeps everything, full only the layer's input, dots every matmul output
+# without batch dimensions; the others keep the named activations (`*_offload`: in host memory).
+REMAT_POLICIES = ("none", "full", "dots", "minimal", "minimal_with_context", "save_qkv_proj",
+                  "save_out_proj", "minimal_offload", "save_qkv_proj_offload")
 
 
 class UnsupportedModelError(ValueError):
@@ -36,7 +44,8 @@ class ModelConfig:
   model_type: str = "llama"  # The HF family written on export.
   dtype: str = "auto"  # Compute dtype; auto = float32 on CPU, bfloat16 on GPU/TPU.
   param_dtype: str = "float32"  # Storage dtype of the parameters.
-  remat: str = "none"  # Per-layer rematerialisation: none | full | dots (save matmul outputs).
+  remat: str = "none"  # Per-layer rematerialisation policy, one of REMAT_POLICIES.
+  attention: str = "auto"  # Attention implementation, one of ATTENTION_IMPLEMENTATIONS.
   initializer_range: float = 0.02
   # LoRA adapters on the named projections (q k v o gate up down); rank 0 means none.
   lora_rank: int = 0
@@ -54,8 +63,11 @@ class ModelConfig:
     for key in ("dtype", "param_dtype"):
       if getattr(self, key) not in ("auto", "float32", "bfloat16", "float16"):
         raise ValueError(f"model.{key}={getattr(self, key)!r}: use auto|float32|bfloat16|float16")
-    if self.remat not in ("none", "full", "dots"):
-      raise ValueError(f"model.remat must be none|full|dots, got {self.remat!r}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"model.remat must be one of {'|'.join(REMAT_POLICIES)}, got {self.remat!r}")
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"model.attention must be one of {'|'.join(ATTENTION_IMPLEMENTATIONS)}, "
+                       f"got {self.attention!r}")
     bad_targets = sorted(set(self.lora_targets) - set(LORA_TARGETS))
     if bad_targets:
       raise ValueError(f"lora_targets {bad_targets} are not projections; choose from {LORA_TARGETS}")

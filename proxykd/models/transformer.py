@@ -2,11 +2,16 @@
 
 Layout choices:
 - Layers are stacked with `nn.scan` (leading logical axis `layers`): one compiled layer body, fast
-  compiles for 80-layer models, and one place for rematerialisation.
+  compiles for 80-layer models, and one place for rematerialisation: `model.remat` names a policy
+  of `REMAT_POLICIES` over the activations each layer tags with `checkpoint_name` (`ACTIVATIONS`).
 - Every parameter carries logical axis names; proxykd/train/sharding.py maps them to the mesh.
 - Attention takes segment ids: tokens attend only within their own segment (packed documents), and
   causally by index. The same mask serves the KV cache used for sampling: pass `cache` and the new
   keys/values are written at `cache["index"]`, queries attend to every cached slot of their segment.
+  The cache travels through the layer scan as part of its carry and each layer writes only its new
+  slots in place (never a copy of the whole cache per token).
+- How attention is computed (XLA, cuDNN, Pallas kernels) is `model.attention`:
+  proxykd/models/attention.py.
 - The forward can stop before the lm_head (`return_hidden=True`): chunked vocabulary losses apply
   the head themselves (see `lm_head_kernel`).
 """
@@ -18,12 +23,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
+from proxykd.models import attention
+from proxykd.models.attention import attention_mask, causal_blocks as _causal_blocks  # noqa: F401  pylint: disable=unused-import
 from proxykd.models.config import ModelConfig
 
 Array = jax.Array
-_NEG_INF = -1e30
 _HIDDEN_AXES = ("activation_batch", "activation_length", "activation_embed")
+# The KV cache [layers, B, S, kv_heads, head_dim]: rows and heads sharded like the activations.
+_CACHE_AXES = (None, "activation_batch", None, "activation_kv_heads", None)
 
 
 def _dtype(name: str):
@@ -133,48 +142,16 @@ def _proj(cfg: ModelConfig, name: str, in_shape, out_shape, in_axes, out_axes, u
                     name=name)
 
 
-def attention_mask(q_index: Array, q_segments: Array, kv_segments: Array) -> Array:
-  """[B, 1, 1, T, S] boolean: causal by absolute index, and within the same segment.
-
-  q_index: [T] absolute index of each query in the key sequence; q_segments: [B, T];
-  kv_segments: [B, S]. A key slot whose segment is 0 (padding or an empty cache slot) is visible
-  only to padding queries, so every query row keeps at least one key (its own slot).
-  """
-  causal = jnp.arange(kv_segments.shape[1])[None, :] <= q_index[:, None]  # [T, S]
-  same = q_segments[:, :, None] == kv_segments[:, None, :]  # [B, T, S]
-  return (causal[None] & same)[:, None, None]
-
-
-def _causal_blocks(t: int, min_block: int = 128, max_blocks: int = 8) -> int:
-  """How many query blocks to split a causal self-attention of length t into.
-
-  Query block i only needs keys [0, end of block i): with n blocks, (n-1)/2n of the score matrix
-  (its upper triangle) is never computed. Measured on CPU at T=512, 4 blocks halve the attention's
-  forward+backward time.
-  """
-  blocks = min(max_blocks, t // min_block)
-  while blocks > 1 and t % blocks:
-    blocks -= 1
-  return max(blocks, 1)
-
-
-def _attend(q, keys, values, q_index, q_segments, kv_segments):
-  """Grouped-query attention of q [B, T, H, D] over keys/values [B, S, KVH, D]."""
-  b, t, h, d = q.shape
-  kvh = keys.shape[2]
-  qg = q.reshape(b, t, kvh, h // kvh, d)
-  scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys.astype(q.dtype),
-                      preferred_element_type=jnp.float32) * (d ** -0.5)
-  scores = jnp.where(attention_mask(q_index, q_segments, kv_segments), scores, _NEG_INF)
-  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-  return jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(q.dtype)).reshape(b, t, h, d)
-
-
 class Attention(nn.Module):
+  """Grouped-query self-attention with rotary positions; with a KV cache, over the cached slots.
+
+  `cache` is None or the whole (keys, values) cache [layers, B, S, kv_heads, head_dim]: this
+  layer's new keys/values are written in place at [layer, :, cache_index] and it is returned.
+  """
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids, cache_kv, cache_index, cache_segments):
+  def __call__(self, x, positions, segment_ids, cache, layer, cache_index, cache_segments):
     cfg = self.cfg
     e, h, kvh, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     q = _proj(cfg, "q", (e,), (h, d), ("embed",), ("heads", "head_dim"), cfg.qkv_bias)(x)
@@ -184,24 +161,24 @@ class Attention(nn.Module):
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
     q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
     k = nn.with_logical_constraint(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
+    q = checkpoint_name(q, "query_proj")
+    k = checkpoint_name(k, "key_proj")
+    v = checkpoint_name(v, "value_proj")
 
-    t = x.shape[1]
-    if cache_kv is None:  # Training / scoring: causal blocks skip the all-masked upper triangle.
-      new_kv = None
-      blocks = _causal_blocks(t)
-      size = t // blocks
-      out = jnp.concatenate([
-          _attend(q[:, i * size:(i + 1) * size], k[:, :(i + 1) * size], v[:, :(i + 1) * size],
-                  jnp.arange(i * size, (i + 1) * size), segment_ids[:, i * size:(i + 1) * size],
-                  segment_ids[:, :(i + 1) * size]) for i in range(blocks)], axis=1)
+    if cache is None:  # Training / scoring.
+      out = attention.self_attention(cfg.attention, q, k, v, segment_ids)
     else:
-      ck, cv = cache_kv
-      keys = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
-      values = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
-      new_kv = (keys, values)
-      out = _attend(q, keys, values, cache_index + jnp.arange(t), segment_ids, cache_segments)
+      t = x.shape[1]
+      ck, cv = cache
+      write = lambda c, new: nn.with_logical_constraint(jax.lax.dynamic_update_slice(
+          c, new[None].astype(c.dtype), (layer, 0, cache_index, 0, 0)), _CACHE_AXES)
+      cache = (write(ck, k), write(cv, v))
+      keys, values = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in cache)
+      out = attention.cached_attention(cfg.attention, q, keys, values, cache_index + jnp.arange(t),
+                                       segment_ids, cache_segments)
+    out = checkpoint_name(out, "context")
     out = _proj(cfg, "o", (h, d), (e,), ("heads", "head_dim"), ("embed",))(out)
-    return out, new_kv
+    return checkpoint_name(out, "out_proj"), cache
 
 
 class Mlp(nn.Module):
@@ -211,34 +188,58 @@ class Mlp(nn.Module):
   def __call__(self, x):
     cfg = self.cfg
     e, f = cfg.hidden_size, cfg.intermediate_size
-    gate = _proj(cfg, "gate", (e,), (f,), ("embed",), ("mlp",))(x)
-    up = _proj(cfg, "up", (e,), (f,), ("embed",), ("mlp",))(x)
+    gate = checkpoint_name(_proj(cfg, "gate", (e,), (f,), ("embed",), ("mlp",))(x), "mlp_gate")
+    up = checkpoint_name(_proj(cfg, "up", (e,), (f,), ("embed",), ("mlp",))(x), "mlp_up")
     hidden = nn.with_logical_constraint(jax.nn.silu(gate) * up,
                                         ("activation_batch", "activation_length", "activation_mlp"))
-    return _proj(cfg, "down", (f,), (e,), ("mlp",), ("embed",))(hidden)
+    return checkpoint_name(_proj(cfg, "down", (f,), (e,), ("mlp",), ("embed",))(hidden), "mlp_down")
 
 
 class DecoderLayer(nn.Module):
-  """One pre-norm block. Scanned: (carry, per-layer inputs) -> (carry, per-layer outputs)."""
+  """One pre-norm block. Scanned: ((hidden, cache), layer index) -> ((hidden, cache), None)."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, layer_cache, positions, segment_ids, cache_index, cache_segments):
+  def __call__(self, carry, layer, positions, segment_ids, cache_index, cache_segments):
     cfg = self.cfg
     dtype, pdtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+    x, cache = carry
     x = nn.with_logical_constraint(x, _HIDDEN_AXES)
     h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="attn_norm")(x)
-    attn, new_cache = Attention(cfg, name="attn")(h, positions, segment_ids, layer_cache,
-                                                   cache_index, cache_segments)
+    attn, cache = Attention(cfg, name="attn")(h, positions, segment_ids, cache, layer, cache_index,
+                                              cache_segments)
     x = x + attn
     h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="mlp_norm")(x)
     x = x + Mlp(cfg, name="mlp")(h)
-    return x, new_cache
+    return (x, cache), None
 
 
-_REMAT_POLICIES = {
+# The activations a layer names with `checkpoint_name`, for the remat policies below.
+_QKV = ("query_proj", "key_proj", "value_proj")
+_PROJECTIONS = _QKV + ("out_proj", "mlp_gate", "mlp_up", "mlp_down")
+ACTIVATIONS = _PROJECTIONS + ("context",)  # context: the attention's output, before `o`.
+
+
+def _offload(names: tuple[str, ...]):
+  return jax.checkpoint_policies.save_and_offload_only_these_names(
+      names_which_can_be_saved=[], names_which_can_be_offloaded=list(names),
+      offload_src="device", offload_dst="pinned_host")
+
+
+# `model.remat` -> what each layer keeps for the backward pass; everything else is recomputed from
+# the layer's input. Fewer kept activations: less memory, more recompute. `minimal` keeps every
+# projection output and recomputes only the attention itself (and the elementwise ops);
+# `minimal_with_context` keeps the attention output too (with splash also its residuals). The
+# `_offload` variants move what they keep to pinned host memory and back for the backward pass.
+REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "minimal": jax.checkpoint_policies.save_only_these_names(*_PROJECTIONS),
+    "minimal_with_context": jax.checkpoint_policies.save_only_these_names(*ACTIVATIONS),
+    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names(*_QKV),
+    "save_out_proj": jax.checkpoint_policies.save_only_these_names("out_proj"),
+    "minimal_offload": _offload(_PROJECTIONS),
+    "save_qkv_proj_offload": _offload(_QKV),
 }
 
 
@@ -254,7 +255,7 @@ class Transformer(nn.Module):
         (cfg.vocab_size, cfg.hidden_size), pdtype)
     layer = DecoderLayer
     if cfg.remat != "none":
-      layer = nn.remat(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+      layer = nn.remat(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
     self.layers = nn.scan(
         layer, variable_axes={"params": 0}, split_rngs={"params": True},
         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
@@ -283,18 +284,18 @@ class Transformer(nn.Module):
     x = jnp.take(self.embedding, tokens, axis=0).astype(_dtype(cfg.dtype))
     x = nn.with_logical_constraint(x, _HIDDEN_AXES)  # Batch-sharded from the first layer on.
     if cache is None:
-      layer_cache, index, cache_segments = None, None, None
+      kv, index, cache_segments = None, None, None
     else:
-      layer_cache, index = (cache["k"], cache["v"]), cache["index"]
+      kv, index = (cache["k"], cache["v"]), cache["index"]
       cache_segments = jax.lax.dynamic_update_slice_in_dim(
           cache["segment_ids"], segment_ids.astype(jnp.int32), index, axis=1)
-    x, new_layer_cache = self.layers(x, layer_cache, positions, segment_ids, index, cache_segments)
+    layer_index = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+    (x, kv), _ = self.layers((x, kv), layer_index, positions, segment_ids, index, cache_segments)
     x = nn.with_logical_constraint(self.final_norm(x), _HIDDEN_AXES)
     out = x if return_hidden else self.logits(x)
     if cache is None:
       return out
-    new_cache = {"k": new_layer_cache[0], "v": new_layer_cache[1],
-                 "segment_ids": cache_segments, "index": index + t}
+    new_cache = {"k": kv[0], "v": kv[1], "segment_ids": cache_segments, "index": index + t}
     return out, new_cache
 
   def logits(self, hidden: Array) -> Array:
@@ -312,8 +313,7 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
   """An empty KV cache: k/v [L, B, S, kv_heads, head_dim], slot segments [B, S] (0 = empty)."""
   dtype = dtype or _dtype(cfg.dtype)
   shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-  axes = (None, "activation_batch", None, "activation_kv_heads", None)  # rows and heads sharded
-  zeros = lambda: nn.with_logical_constraint(jnp.zeros(shape, dtype), axes)
+  zeros = lambda: nn.with_logical_constraint(jnp.zeros(shape, dtype), _CACHE_AXES)
   return {"k": zeros(), "v": zeros(),
           "segment_ids": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.zeros((), jnp.int32)}
 

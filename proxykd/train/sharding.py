@@ -12,7 +12,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from absl import logging
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -40,8 +41,14 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 
 
 def make_mesh(shape: dict[str, int] | Sequence[int], devices=None) -> Mesh:
-  """A mesh with axes (data, fsdp, tensor); one size may be -1 (fills the remaining devices)."""
-  devices = np.asarray(jax.devices() if devices is None else devices)
+  """A mesh with axes (data, fsdp, tensor); one size may be -1 (fills the remaining devices).
+
+  Without `devices` the mesh comes from `jax.make_mesh`, which lays the axes out over every device
+  following the physical topology (on TPU the last axes, tensor then fsdp, get the fastest links);
+  an explicit device list is reshaped in the order given (the caller chose it). The axes are Auto:
+  shardings follow the logical rules and constraints (GSPMD), not explicit-sharding types.
+  """
+  listed = list(jax.devices() if devices is None else devices)
   if isinstance(shape, dict):
     unknown = sorted(set(shape) - set(MESH_AXES))
     if unknown:
@@ -53,14 +60,21 @@ def make_mesh(shape: dict[str, int] | Sequence[int], devices=None) -> Mesh:
     raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
   fixed = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
-    if devices.size % fixed:
-      raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: {devices.size} devices are not a "
+    if len(listed) % fixed:
+      raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: {len(listed)} devices are not a "
                        f"multiple of {fixed}")
-    sizes[sizes.index(-1)] = devices.size // fixed
-  if int(np.prod(sizes)) != devices.size:
+    sizes[sizes.index(-1)] = len(listed) // fixed
+  if int(np.prod(sizes)) != len(listed):
     raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
-                     f"{devices.size} are available")
-  return Mesh(devices.reshape(sizes), MESH_AXES)
+                     f"{len(listed)} are available")
+  auto = (AxisType.Auto,) * len(MESH_AXES)
+  if devices is None:
+    try:
+      return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto)
+    except ValueError as e:  # E.g. a multi-slice TPU topology, which jax.make_mesh refuses.
+      logging.warning("mesh: jax.make_mesh(%s) refused (%s); using the devices in their order",
+                      sizes, e)
+  return Mesh(np.asarray(listed).reshape(sizes), MESH_AXES, axis_types=auto)
 
 
 def logical_to_sharding(logical_tree, mesh: Mesh, rules=LOGICAL_RULES):

@@ -1,5 +1,6 @@
 """Stage `eval`: GSM8K, BBH, held-out synthetic problems, any prompt source, multiple choice by
-log-likelihood and held-out teacher NLL, for one of our checkpoints or any local HF directory.
+log-likelihood, held-out teacher NLL and the estimator's fidelity, for one of our checkpoints or
+any local HF directory.
 
   python main.py --config=configs/eval.py --config.model=CHECKPOINT_OR_HF_DIR --workdir=DIR
   python main.py --config=configs/eval.py:tasks=synthetic,runlocal --config.model=DIR/proxy_dpo/hf --workdir=DIR
@@ -14,7 +15,7 @@ import ml_collections
 from configs import common
 from proxykd.data import pipeline, split
 
-TASKS = ("gsm8k", "bbh", "synthetic", "prompts", "choice", "heldout")
+TASKS = ("gsm8k", "bbh", "synthetic", "prompts", "choice", "heldout", "fidelity")
 GSM_SYSTEM = "Solve the problem step by step. End with a line '#### <answer>'."
 
 
@@ -26,7 +27,7 @@ def get_config(arg=None):
   c.tokenizer = ""  # Default: the HF directory, or the tokenizer the checkpoint records.
   c.name = ""  # The run's label in results and reports; default: from the model path.
   c.dtype = ""  # Compute dtype override (float32 | bfloat16); default: the model's (auto).
-  c.tasks = arg.tasks  # Comma-separated, of: gsm8k, bbh, synthetic, prompts, choice, heldout.
+  c.tasks = arg.tasks  # Comma-separated, of: gsm8k, bbh, synthetic, prompts, choice, heldout, fidelity.
   c.limit = 0  # Items per task (BBH: per BBH task); 0 = all.
   c.batch_size = 64  # Prompts per generation call (padded to a multiple of the mesh's batch axes).
   c.score_batch = 8  # Rows per scoring call.
@@ -62,11 +63,23 @@ def get_config(arg=None):
   c.choice = ml_collections.ConfigDict(dict(
       path="",  # a multiple-choice JSONL file, or a directory of them (each a benchmark by name)
       system_prompt=""))
+  # fidelity: on the held-out split, KL(teacher || .) and top-1 agreement of the prior, the proxy,
+  # the posterior and the evaluated model, when the black box is one of our models (its weights).
+  c.fidelity = ml_collections.ConfigDict(dict(
+      teacher="",  # the teacher's weights: the checkpoint or HF directory serve_teacher served
+      proxy="",  # the aligned proxy; default proxy_dpo's final proxy, else proxy_sft's
+      prior="",  # a prior directory; default calibrate/chosen.json's, else <workdir>/prior, else
+      prior_split="distill",  # ... counted here on this split of the corpus
+      # kappa, m, tau, order, smoothing, k, floor: from <workdir>/calibrate/chosen.json when it exists
+      # and from_calibration, else these.
+      from_calibration=True, kappa=1.0, m=1.0, tau=1.0, order=3, smoothing="wb", k=32, floor=1e-6,
+      temperature=-1.0, top_p=-1.0,  # the teacher's sampling; -1: as the held-out records say
+      student=True))  # also the evaluated model (config.model) as an estimate
   # heldout: the teacher corpus' held-out split (as the training stages split it): NLL and top-1
   # agreement of the model on the teacher's tokens.
   c.corpus = ""  # default <workdir>/collect/corpus.jsonl
   c.split = split.default_config()
-  # Tokenisation and row length of log-likelihood scoring (choice, heldout), as in training.
+  # Tokenisation and row length of log-likelihood scoring (choice, heldout, fidelity), as in training.
   c.data = pipeline.default_config()
   c.data.update(seq_len=1024, truncation="truncate_prompt", cache=False)
   if arg.runlocal:

@@ -3,7 +3,9 @@
 `results.json`: {"name", "model", "tokenizer", "tasks": {task: {...}}} where a generative task has
 `accuracy`, `correct`, `total` (BBH also `average`, the macro average over its tasks, and `groups`,
 each task's accuracy), a multiple-choice benchmark `choice/<name>` has `accuracy`,
-`accuracy_per_token` and `accuracy_per_byte`, and `heldout` has `nll` and `top1`.
+`accuracy_per_token` and `accuracy_per_byte`, `heldout` has `nll` and `top1`, and `fidelity` has
+`estimates` ({prior, proxy, posterior, posterior_no_label, student}: {kl, top1}), `teacher_entropy`
+and `tokens` (proxykd/eval/fidelity.py).
 """
 from __future__ import annotations
 
@@ -29,6 +31,12 @@ def markdown(results: dict) -> str:
   lines = [f"# Evaluation of {results['name']}", "", f"Model: `{results['model']}`", "",
            "| task | metric | value | items |", "|---|---|---|---|"]
   for task, r in results["tasks"].items():
+    if task == "fidelity":
+      for name, e in r["estimates"].items():
+        lines.append(f"| fidelity | KL(teacher ‖ {name}) nats/token; top-1 {e['top1']:.4f} | "
+                     f"{e['kl']:.4f} | {r['tokens']} tokens |")
+      lines.append(f"| fidelity | teacher entropy | {r['teacher_entropy']:.4f} | {r['tokens']} tokens |")
+      continue
     what, value = headline(task, r)
     lines.append(f"| {task} | {what} | {value:.4f} | {r.get('total', r.get('records', ''))} |")
     if task.startswith("choice/"):

@@ -2,7 +2,8 @@
 
 Generative tasks (gsm8k, bbh, synthetic, prompts) run greedy through the sharded KV-cache sampler
 in batches (proxykd/eval/generate.py); `choice` scores multiple-choice files by log-likelihood and
-`heldout` the teacher corpus' held-out split, both through the jitted scorer on the mesh. Outputs
+`heldout` the teacher corpus' held-out split, both through the jitted scorer on the mesh;
+`fidelity` measures the estimator against a teacher whose weights we have (eval_fidelity.py). Outputs
 in `<workdir>/eval/`: `predictions/<task>.jsonl` (appended batch by batch; a rerun with the same
 model and settings reuses them), `results.json` and `results.md`.
 """
@@ -22,7 +23,7 @@ from proxykd.train import scoring, trainer
 from proxykd.train import sharding as shd
 
 STAGE = "eval"
-TASKS = ("gsm8k", "bbh", "synthetic", "prompts", "choice", "heldout")
+TASKS = ("gsm8k", "bbh", "synthetic", "prompts", "choice", "heldout", "fidelity")
 
 
 def _task_names(config) -> list[str]:
@@ -142,7 +143,7 @@ def run(config, workdir):
   questions = {}
   if "choice" in names:
     questions = _choice_files(config)
-  heldout_records = _heldout(config, workdir) if "heldout" in names else None
+  heldout_records = _heldout(config, workdir) if {"heldout", "fidelity"} & set(names) else None
   params = eval_model.load(spec, trainer.shardings_for(mesh))
   name = config.name or spec.name
   logging.info("%s: %s (%s) on %s", STAGE, name, spec.identity, ", ".join(names))
@@ -157,7 +158,7 @@ def run(config, workdir):
       r = results["tasks"][task.name] = run_generative(task, sampler, params, tokenizer, config,
                                                         spec, pred_dir)
       logging.info("%s: %s accuracy %.4f (%d items)", STAGE, task.name, r["accuracy"], r["total"])
-  if questions or heldout_records is not None:
+  if questions or "heldout" in names:
     scorer = scoring.Scorer(spec.cfg, mesh, config.score_batch, config.data.seq_len, config.loss_chunk)
     score_rows = lambda rows: scorer(params, rows)
     for bench, qs in questions.items():
@@ -169,8 +170,12 @@ def run(config, workdir):
       jsonl.write_lines(pred_dir / f"choice-{bench}.jsonl", rows)
       results["tasks"][f"choice/{bench}"] = {**choice.summarize(rows),
                                              "seconds": round(time.perf_counter() - t0, 2)}
-    if heldout_records is not None:
+    if "heldout" in names:
       results["tasks"]["heldout"] = heldout_stats(heldout_records, tokenizer, score_rows, config)
+  if "fidelity" in names:
+    from proxykd.stages import eval_fidelity  # pylint: disable=g-import-not-at-top
+    results["tasks"]["fidelity"] = eval_fidelity.run_fidelity(config, workdir, heldout_records, spec,
+                                                              tokenizer, mesh, params)
   eval_results.write(out, results)
   logging.info("%s: wrote %s\n%s", STAGE, out / "results.json", eval_results.markdown(results))
   return out

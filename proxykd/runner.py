@@ -34,9 +34,11 @@ PATH_KEYS = frozenset({
     "corpus",  # proxy_sft, tokenizer: the teacher corpus (JSON lines)
     "data_dir",  # collect.prompts: the gsm8k / bbh data root
     "hf_dir",  # serve_teacher, collect.local: a Hugging Face model directory
+    "input",  # score: the JSONL of (messages, response) to score
     "init_from",  # proxy_sft, proxy_dpo, student_kd: the weights to start from (HF dir or checkpoint)
     "output",  # export: the HF directory to write; collect: the corpus to append to; cache_proxy
     "path",  # collect.prompts: the prompt file of source=file
+    "prior",  # calibrate, student_kd, eval.fidelity: a prior directory (the prior stage's output)
     "proxy",  # cache_proxy, calibrate, student_kd: the aligned proxy (checkpoint or HF directory)
     "tokenizer",  # proxy_sft, export, serve_teacher, collect.local: a tokenizer directory
     "workdir",  # any stage: the run directory (the fallback when --workdir is not given)

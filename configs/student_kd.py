@@ -67,7 +67,7 @@ def get_config(arg=None):
       # The estimator; < 0: from <workdir>/calibrate/chosen.json (kappa, m, tau, prior settings).
       kappa=-1.0, m=-1.0, tau=-1.0,  # m may be inf (pure proxy)
       prior_k=32,  # prior tokens per position (the prior's top-K)
-      teacher_topk=True))  # use the teacher's top_logprobs where the corpus has them
+      teacher_topk=20))  # the teacher's top_logprobs (up to this many) override p̂ where the corpus has them; 0: off
   config.export = True  # <workdir>/<run_name>/hf
   config.export_dtype = "float32"
   config.wandb = ml_collections.ConfigDict(dict(project="", entity="", name=""))

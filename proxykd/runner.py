@@ -40,6 +40,9 @@ PATH_KEYS = frozenset({
     "path",  # collect.prompts: the prompt file of source=file
     "prior",  # calibrate, student_kd, eval.fidelity: a prior directory (the prior stage's output)
     "proxy",  # cache_proxy, calibrate, student_kd: the aligned proxy (checkpoint or HF directory)
+    "prior",  # calibrate, student_kd: the prior stage's directory
+    "cache",  # student_kd (offline): the cache_proxy stage's directory
+    "teacher_model",  # student_kd baseline=whitebox: the teacher's own weights
     "tokenizer",  # proxy_sft, export, serve_teacher, collect.local: a tokenizer directory
     "workdir",  # any stage: the run directory (the fallback when --workdir is not given)
 })

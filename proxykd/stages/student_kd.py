@@ -24,6 +24,7 @@ from proxykd.data import proxy_cache, pipeline
 from proxykd.estimator import features as prior_features
 from proxykd.estimator import store, weights as sample_weights
 from proxykd.estimator.prior import PriorView
+from proxykd.estimator.teacher_topk import TeacherFeatures
 from proxykd.models import checkpoint, hf_io, lora
 from proxykd.models.tokenizer import check_same_tokenizer, fingerprint, load_tokenizer
 from proxykd.stages import inputs
@@ -149,7 +150,13 @@ def run(config, workdir):
     models["proxy"] = proxy_cfg
   mesh = trainer.make_mesh(config, models)
 
-  rows, stats = build_rows(records, tokenizer, config, out, "train", shuffle=True)
+  teacher = None
+  if (kd.alpha > 0 and kd.teacher_topk > 0 and config.run_name != "student_whitebox"
+      and any(r.get("logprobs") for r in records)):
+    teacher = TeacherFeatures(records, tokenizer, kd.teacher_topk, config.data.length_policy)
+  rows, stats = build_rows(records, tokenizer, config, out, "train", shuffle=True, transform=teacher)
+  if teacher is not None and teacher.coverage.records:  # (rows from the cache were not re-made)
+    logging.info("teacher top-k: %s", teacher.coverage.to_dict())
   eval_rows = build_rows(heldout, tokenizer, config, out, "heldout", shuffle=False)[0] \
       if heldout else None
   use_prior = kd.alpha > 0 and settings["kappa"] > 0 and not math.isinf(settings["m"])
@@ -193,7 +200,8 @@ def run(config, workdir):
   s = distill.KDSettings(alpha=kd.alpha, divergence=kd.divergence,
                          div_param=kd.div_param if kd.div_param >= 0 else None, mode=kd.mode,
                          kappa=settings["kappa"], m=settings["m"], tau=settings["tau"],
-                         use_prior=use_prior, chunk_len=config.train.loss_chunk)
+                         use_prior=use_prior, use_teacher=teacher is not None,
+                         chunk_len=config.train.loss_chunk)
   try:
     loss = distill.kd_loss(cfg, s, proxy_cfg)
   except ValueError as e:

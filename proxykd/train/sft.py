@@ -15,12 +15,16 @@ from proxykd.train import step as sp
 from proxykd.train import trainer
 
 
-def build_rows(records, tokenizer, config, out_dir: epath.PathLike, what: str, shuffle: bool):
-  """Packed rows of `records` under config.data, cached in `<out_dir>/data_cache/`."""
+def build_rows(records, tokenizer, config, out_dir: epath.PathLike, what: str, shuffle: bool,
+               transform=None):
+  """Packed rows of `records` under config.data, cached in `<out_dir>/data_cache/`; `transform`
+  (e.g. per-token features) as in pipeline.build_rows, keyed by its `key`."""
   data = config.data
   try:
     rows, stats = pipeline.build_rows(records, tokenizer, data, shuffle=shuffle,
-                                      cache_dir=epath.Path(out_dir) / "data_cache", name=what)
+                                      cache_dir=epath.Path(out_dir) / "data_cache", name=what,
+                                      transform=transform,
+                                      transform_key=transform.key if transform else "")
   except ValueError as e:
     raise UserError(str(e)) from None
   logging.info("%s: %d examples -> %d rows of %d tokens; %s (truncation %s, length_policy %s)",

@@ -41,7 +41,6 @@ from typing import Callable, Iterator
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import logging
 from jax.sharding import PartitionSpec as P
 
@@ -49,7 +48,7 @@ from proxykd.models.config import ATTENTION_IMPLEMENTATIONS
 
 Array = jax.Array
 _NEG_INF = -1e30
-# Logical axes of q / k, v / segment ids (the rules of proxykd/train/sharding.py map them to the mesh).
+# Logical axes of q / k, v / segment ids (proxykd/train/sharding.py maps them to the mesh).
 _Q_AXES = ("activation_batch", "activation_length", "activation_heads", None)
 _KV_AXES = ("activation_batch", "activation_length", "activation_kv_heads", None)
 _SEGMENT_AXES = ("activation_batch", "activation_length")
@@ -198,6 +197,12 @@ def platform() -> str:
   return "cuda" if "cuda" in jex_backend.get_backend().platform_version.lower() else "rocm"
 
 
+def runnable_here() -> list[str]:
+  """The implementations that run on this platform (xla first), interpret mode aside."""
+  plat = platform()
+  return ["xla"] + [name for name, places in _PLATFORMS.items() if plat in places]
+
+
 def _log_once(level: Callable, message: str, *args) -> None:
   key = (message,) + args
   if key not in _logged:
@@ -226,7 +231,8 @@ def _unsupported(name: str, dtype, head_dim: int, length: int, cached: bool) -> 
 
 
 @functools.cache
-def cudnn_takes_masked_backward(dtype_name: str, head_dim: int, implementation: str = "cudnn") -> bool:
+def cudnn_takes_masked_backward(dtype_name: str, head_dim: int,
+                                implementation: str = "cudnn") -> bool:
   """Whether this cuDNN compiles our masked attention's forward and backward (a tiny probe,
   compiled once per dtype and head_dim): the gradient of a [B, 1, T, S] bias with B > 1 needs a
   recent cuDNN. `implementation` exists so that the probe itself can be tested on the CPU."""

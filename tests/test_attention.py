@@ -186,13 +186,26 @@ with attention.pallas_interpret(), shd.mesh_context(mesh):
   got = fn(sharded)
 diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
            for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)))
-print("RESULT" + json.dumps({"diff": diff, "shard_map": "shard_map" in hlo or "sdy.manual_computation" in hlo}))
+# The cached prefill's per-device call (cuDNN's, through JAX's XLA path): rows of two lengths
+# split over the batch axes, the query slots shared.
+q, k, v = (jnp.asarray(rng.normal(size=(4, t, h, 16)), jnp.float32)
+           for t, h in ((8, 4), (32, 2), (32, 2)))
+q_index, q_seg = 4 + jnp.arange(8), jnp.ones((4, 8), jnp.int32)
+kv_seg = jnp.asarray(np.repeat([[1] * 12 + [0] * 20], 4, axis=0), jnp.int32)
+kernel = lambda q, k, v, qs, ks, qi: attention.cudnn_attention(q, k, v, qi, qs, ks, is_causal=False,
+                                                               implementation="xla")
+with shd.mesh_context(mesh):
+  cached = jax.jit(lambda *a: attention._on_mesh(kernel, *a[:3], rows=a[3:5], shared=a[5:]))(
+      q, k, v, q_seg, kv_seg, q_index)
+cached_diff = float(np.abs(cached - attention.xla_attention(q, k, v, q_index, q_seg, kv_seg)).max())
+print("RESULT" + json.dumps({"diff": diff, "cached_diff": cached_diff,
+                             "shard_map": "shard_map" in hlo or "sdy.manual_computation" in hlo}))
 """
 
 
 def test_kernels_run_per_device_on_a_mesh():
-  """On a data x fsdp x tensor mesh the kernel runs under shard_map (rows and heads split) and
-  the loss and gradients equal one device's XLA attention."""
+  """On a data x fsdp x tensor mesh the kernels run under shard_map (rows and heads split): the
+  model's loss and gradients, and a cached prefill, equal one device's XLA attention."""
   out = json.loads(run_python(MESH, devices=8).split("RESULT", 1)[1])
   assert out["shard_map"]
-  assert out["diff"] < 1e-5
+  assert out["diff"] < 1e-5 and out["cached_diff"] < 1e-5

@@ -15,7 +15,8 @@ empty cache slot) at absolute indices up to its own.
 - `splash` (TPU): Pallas splash attention with segment ids and a causal mask; GQA is native.
 - `auto`: on a CUDA GPU cudnn (when a probe compile shows this cuDNN takes the masked backward),
   else pallas_gpu; on TPU splash; else xla; each only where it supports the inputs (dtype, head
-  dim, length), falling back to xla. The choice is logged once per distinct case.
+  dim, length), falling back to xla. The choice is logged once per distinct case. The GPU order
+  is a default until measured: bench/accel.py times every implementation on the device.
 
 A name whose backend is absent (cudnn on a CPU, splash on a GPU) runs xla with a warning, so a
 config or checkpoint written on one machine runs on another; a name whose backend is present but
@@ -48,11 +49,12 @@ from proxykd.models.config import ATTENTION_IMPLEMENTATIONS
 
 Array = jax.Array
 _NEG_INF = -1e30
-# Logical axes of q / k, v / segment ids (proxykd/train/sharding.py maps them to the mesh).
+# Logical axes of q and of k, v (proxykd/train/sharding.py maps them to the mesh).
 _Q_AXES = ("activation_batch", "activation_length", "activation_heads", None)
 _KV_AXES = ("activation_batch", "activation_length", "activation_kv_heads", None)
-_SEGMENT_AXES = ("activation_batch", "activation_length")
-# The platforms each fused kernel runs on (cpu too for the Pallas ones under pallas_interpret()).
+# The platforms each fused kernel runs on (cpu too for the Pallas ones under pallas_interpret()),
+# and auto's order of preference (cuDNN before the Triton kernel: bench/accel.py's attention rows
+# time both on the device).
 _PLATFORMS = {"cudnn": ("cuda",), "pallas_gpu": ("cuda", "rocm"), "splash": ("tpu",)}
 _AUTO_ORDER = {"cuda": ("cudnn", "pallas_gpu"), "rocm": ("pallas_gpu",), "tpu": ("splash",)}
 _interpret = False
@@ -284,7 +286,7 @@ def resolve(requested: str, dtype, head_dim: int, length: int, cached: bool = Fa
         jnp.dtype(dtype).name, head_dim):
       reason = "this cuDNN does not compile the masked backward"
     if reason is None:
-      chosen, why = name, "the fastest here that takes the inputs"
+      chosen, why = name, f"preferred on {plat} and takes the inputs"
       break
     why = reason
   _log_once(logging.info, "attention: model.attention=auto uses %s for %s (%s; %s, head_dim %d, "
@@ -340,8 +342,8 @@ def self_attention(requested: str, q: Array, k: Array, v: Array, segment_ids: Ar
     return xla_self_attention(q, k, v, segment_ids)
   interpret = platform() == "cpu"
   if name == "cudnn":
-    positions = jnp.arange(q.shape[1])
-    kernel = lambda q, k, v, s: cudnn_attention(q, k, v, positions, s, s, is_causal=True)
+    kernel = lambda q, k, v, s: cudnn_attention(q, k, v, jnp.arange(q.shape[1]), s, s,
+                                                is_causal=True)
   elif name == "pallas_gpu":
     kernel = functools.partial(pallas_gpu_attention, interpret=interpret)
   else:

@@ -27,7 +27,7 @@ from proxykd.models.transformer import abstract_params, init_params
 
 PARAMS, META = "params", "meta"
 # ModelConfig fields a run may change on weights it loads (not their shapes).
-RUN_FIELDS = ("dtype", "param_dtype", "remat", "lora_rank", "lora_alpha", "lora_targets")
+RUN_FIELDS = ("dtype", "param_dtype", "remat", "attention", "lora_rank", "lora_alpha", "lora_targets")
 
 
 def with_shardings(abstract, shardings):

@@ -66,7 +66,7 @@ def get_config(arg=None):
   # fidelity: on the held-out split, KL(teacher || .) and top-1 agreement of the prior, the proxy,
   # the posterior and the evaluated model, when the black box is one of our models (its weights).
   c.fidelity = ml_collections.ConfigDict(dict(
-      teacher="",  # the teacher's weights: the checkpoint or HF directory serve_teacher served
+      teacher_model="",  # the teacher's weights: the checkpoint or HF directory serve_teacher served
       proxy="",  # the aligned proxy; default proxy_dpo's final proxy, else proxy_sft's
       prior="",  # a prior directory; default calibrate/chosen.json's, else <workdir>/prior, else
       prior_split="distill",  # ... counted here on this split of the corpus

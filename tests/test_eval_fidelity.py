@@ -62,7 +62,7 @@ def _config(world, **fid):
   c.split.heldout = 0.3
   c.data.seq_len = 256  # no record is cut (the reference reads each one whole)
   c.loss_chunk = 32
-  c.fidelity.update({"teacher": str(world["root"] / "teacher"), "proxy": str(world["root"] / "teacher"),
+  c.fidelity.update({"teacher_model": str(world["root"] / "teacher"), "proxy": str(world["root"] / "teacher"),
                      **SETTING, **fid})
   return c
 
@@ -134,8 +134,8 @@ def test_fidelity_equals_numpy_and_the_proxy_that_is_the_teacher_is_exact(world,
 
 
 def test_fidelity_refusals(world, tmp_path):
-  with pytest.raises(UserError, match=r"config.fidelity.teacher=.*no such file"):
-    eval_stage.run(_config(world, teacher=str(tmp_path / "none")), str(world["wd"]))
+  with pytest.raises(UserError, match=r"config.fidelity.teacher_model=.*no such file"):
+    eval_stage.run(_config(world, teacher_model=str(tmp_path / "none")), str(world["wd"]))
   # A prior that counted the held-out records too is refused (they would not be held out).
   c = _config(world, prior_split="heldout")
   with pytest.raises(UserError, match="were counted in the prior"):

@@ -9,7 +9,7 @@ from conftest import SHARED_DATA
 from proxykd.eval import generate, tasks
 from proxykd.models import checkpoint, hf_io
 from proxykd.models.config import preset
-from proxykd.models.sampling import Sampler
+from proxykd.models.sampling import Sampler, bucket
 from proxykd.models.tokenizer import end_of_turn_ids, load_tokenizer
 from proxykd.models.transformer import init_params
 from proxykd.runner import UserError
@@ -49,12 +49,15 @@ def test_batched_generation_equals_one_at_a_time_and_stop_strings_cut_exactly(pa
 
   def gen(prompts, max_new, stop_ids):
     calls.append(len(prompts))
+    assert len({bucket(len(p), 16) for p in prompts}) == 1  # one prompt-length bucket per batch
     return sampler.generate(params, prompts, max_new_tokens=max_new, eos_ids=end_of_turn_ids(tokenizer),
                             stop_ids=stop_ids)
 
   kw = dict(max_context=CFG.max_position_embeddings, end_ids=end_of_turn_ids(tokenizer), model_key="m")
   batched = generate.run_task(task, gen, tokenizer, batch_size=4, **kw)
-  assert calls == [4, 2]
+  assert sum(calls) == 6 and max(calls) == 4
+  assert generate.length_batches([3, 5, 17, 20, 20, 40], list("abcdef"), 2) == [
+      ["a", "b"], ["c", "d"], ["e"], ["f"]]
   single = generate.run_task(task, gen, tokenizer, batch_size=1, **kw)
   assert [r["output"] for r in batched] == [r["output"] for r in single]
   assert [r["id"] for r in batched] == [i.id for i in task.items]  # item order, not length order
@@ -71,7 +74,7 @@ def test_batched_generation_equals_one_at_a_time_and_stop_strings_cut_exactly(pa
   assert again == batched and len(calls) == before
   generate.run_task(task, gen, tokenizer, batch_size=4, done={r["id"]: r for r in batched},
                     **{**kw, "model_key": "other"})
-  assert len(calls) == before + 2
+  assert sum(calls[before:]) == 6
 
 
 @needs_data
@@ -115,6 +118,10 @@ def test_eval_stage_every_task_files_and_resume(tmp_path, model_dir, monkeypatch
   eval_stage.run(c, str(wd))
   assert json.loads((out / "results.json").read_text())["tasks"]["gsm8k"] == {
       **res["tasks"]["gsm8k"], "seconds": pytest.approx(res["tasks"]["gsm8k"]["seconds"], abs=60)}
+  # One task at a time: the other tasks' results of this model stay in results.json.
+  c.tasks = "synthetic"
+  eval_stage.run(c, str(wd))
+  assert set(json.loads((out / "results.json").read_text())["tasks"]) == set(res["tasks"])
   assert corpus.exists()
 
 

@@ -5,7 +5,8 @@ KV-cache sampler bound to the model's parameters, proxykd/models/sampling.py). I
 prompt length so each batch pads little and the sampler compiles one program per length bucket;
 each batch's predictions are appended to the predictions file as soon as it finishes, keyed by a
 hash of the model, the settings and the prompt, so a killed run redoes only what it had not
-written. A stop string is matched twice: on the device, as the token ids it has on its own (the
+written. A batch never mixes prompt-length buckets (`length_batches`): padding a short prompt to a
+long one's bucket would multiply the prefill's cost. A stop string is matched twice: on the device, as the token ids it has on its own (the
 batch stops early when the model writes them that way), and exactly on the host, where the text is
 cut before its first occurrence whatever the tokens were.
 """
@@ -17,7 +18,7 @@ import json
 from typing import Callable, Iterable, Sequence
 
 from proxykd.eval.tasks import Item, Task
-from proxykd.models.sampling import MAX_STOP, MAX_STOP_LEN, Generation
+from proxykd.models.sampling import MAX_STOP, MAX_STOP_LEN, Generation, bucket
 
 GenerateFn = Callable[[list[list[int]], int, list[list[int]]], list[Generation]]
 
@@ -76,6 +77,22 @@ def prediction_record(item: Item, key: str, text: str, gen: Generation, prompt_t
           "prompt_tokens": prompt_tokens, "prompt_cut": prompt_cut}
 
 
+def length_batches(lengths: Sequence[int], order: Sequence[int], batch_size: int,
+                   min_bucket: int = 16) -> list[list[int]]:
+  """`order` (sorted by length) cut into batches of at most `batch_size` that never mix prompt-length
+  buckets (powers of two, as the sampler pads them): a short prompt is never padded to a long one's
+  bucket, whose prefill costs batch x bucket x cache length."""
+  out: list[list[int]] = []
+  last = None
+  for n, i in zip(lengths, order):
+    b = bucket(n, min_bucket)
+    if not out or b != last or len(out[-1]) >= batch_size:
+      out.append([])
+    out[-1].append(i)
+    last = b
+  return out
+
+
 def run_task(task: Task, generate: GenerateFn, tokenizer, *, batch_size: int, max_context: int,
              end_ids: Sequence[int], model_key: str, done: dict[str, dict] | None = None,
              write: Callable[[list[dict]], None] | None = None,
@@ -106,8 +123,7 @@ def run_task(task: Task, generate: GenerateFn, tokenizer, *, batch_size: int, ma
   todo = sorted((i for i in range(len(task.items)) if i not in results), key=lambda i: (len(ids[i]), i))
   stop_ids = stop_token_ids(tokenizer, task.stop)
   drop = set(end_ids)
-  for start in range(0, len(todo), batch_size):
-    batch = todo[start:start + batch_size]
+  for batch in length_batches([min(len(ids[i]), room) for i in todo], todo, batch_size):
     prompts = [ids[i][-room:] for i in batch]
     gens = generate(prompts, task.max_new_tokens, stop_ids)
     new = []

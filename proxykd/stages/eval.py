@@ -5,7 +5,8 @@ in batches (proxykd/eval/generate.py); `choice` scores multiple-choice files by 
 `heldout` the teacher corpus' held-out split, both through the jitted scorer on the mesh;
 `fidelity` measures the estimator against a teacher whose weights we have (eval_fidelity.py). Outputs
 in `<workdir>/eval/`: `predictions/<task>.jsonl` (appended batch by batch; a rerun with the same
-model and settings reuses them), `results.json` and `results.md`.
+model and settings reuses them), `results.json` and `results.md` (the tasks of earlier runs of the
+same model are kept, so tasks can be evaluated one run at a time).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from proxykd.data import corpus, prompts as prompt_sources, split
 from proxykd.eval import choice, generate, jsonl, loglik, model as eval_model, results as eval_results, tasks
 from proxykd.models.sampling import Sampler
 from proxykd.models.tokenizer import end_of_turn_ids, load_tokenizer
+from proxykd.stages import eval_fidelity, inputs
 from proxykd.train import scoring, trainer
 from proxykd.train import sharding as shd
 
@@ -153,7 +155,7 @@ def run(config, workdir):
   if built:
     sampler = Sampler(spec.cfg, param_shardings=shd.param_shardings(spec.cfg, mesh),
                       batch_sharding=shd.batch_sharding(mesh), batch_multiple=div,
-                      context=lambda: shd.mesh_context(mesh), min_batch=config.batch_size)
+                      context=lambda: shd.mesh_context(mesh))
     for task in built.values():
       r = results["tasks"][task.name] = run_generative(task, sampler, params, tokenizer, config,
                                                         spec, pred_dir)
@@ -173,9 +175,15 @@ def run(config, workdir):
     if "heldout" in names:
       results["tasks"]["heldout"] = heldout_stats(heldout_records, tokenizer, score_rows, config)
   if "fidelity" in names:
-    from proxykd.stages import eval_fidelity  # pylint: disable=g-import-not-at-top
     results["tasks"]["fidelity"] = eval_fidelity.run_fidelity(config, workdir, heldout_records, spec,
                                                               tokenizer, mesh, params)
+  earlier = eval_results.read(workdir)
+  if earlier and earlier.get("model") == spec.identity:  # Tasks of earlier runs of this model stay.
+    results["tasks"] = {**{k: v for k, v in earlier["tasks"].items() if k not in results["tasks"]},
+                        **results["tasks"]}
+  elif earlier:
+    logging.warning("%s: %s held results of another model (%s); replaced", STAGE,
+                    out / eval_results.RESULTS, earlier.get("model"))
   eval_results.write(out, results)
   logging.info("%s: wrote %s\n%s", STAGE, out / "results.json", eval_results.markdown(results))
   return out
@@ -198,17 +206,12 @@ def _choice_files(config) -> dict[str, list[choice.Question]]:
 
 
 def _heldout(config, workdir) -> list[dict]:
-  path = epath.Path(config.corpus or runner.stage_dir(workdir, "collect") / corpus.CORPUS_FILENAME)
-  if not path.exists():
-    raise runner.UserError(f"tasks=heldout: corpus {path} does not exist; run collect or set "
-                           "--config.corpus=PATH")
-  try:
-    records = split.split_records(corpus.read_corpus(path), config.split)[split.HELDOUT]
-  except ValueError as e:
-    raise runner.UserError(str(e)) from None
+  """The corpus' held-out records (split as the training stages split it), `config.limit` of them."""
+  parts, path = inputs.corpus_splits(config, workdir)
+  records = parts[split.HELDOUT]
   if not records:
-    raise runner.UserError(f"tasks=heldout: {path} has no held-out records (config.split.heldout="
-                           f"{config.split.heldout})")
+    raise runner.UserError(f"tasks=heldout/fidelity: {path} has no held-out records "
+                           f"(config.split.heldout={config.split.heldout})")
   return records[:config.limit] if config.limit > 0 else records
 
 

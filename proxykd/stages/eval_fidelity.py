@@ -1,7 +1,7 @@
 """The eval stage's `fidelity` task: its inputs (teacher, proxy, prior, calibrated setting) and the
 jitted pass over the held-out rows (the measure itself is proxykd/eval/fidelity.py).
 
-Inputs: `config.fidelity.teacher` (the black box's own weights: the model serve_teacher served),
+Inputs: `config.fidelity.teacher_model` (the black box's own weights: the model serve_teacher served),
 the aligned proxy (`config.fidelity.proxy`, else the workdir's), the prior (the calibrated one's
 directory, `config.fidelity.prior`, `<workdir>/prior`, else counted here on `prior_split`), the
 setting (kappa, m, tau, order, smoothing, k, floor) from `<workdir>/calibrate/chosen.json` when it
@@ -16,7 +16,7 @@ from absl import logging
 from etils import epath
 
 from proxykd import runner
-from proxykd.data import batches, pipeline, split
+from proxykd.data import batches, pipeline
 from proxykd.estimator import build, store
 from proxykd.estimator.features import KEYS as PRIOR_KEYS, PriorFeature
 from proxykd.estimator.prior import PriorView
@@ -70,7 +70,7 @@ def _prior_view(config, workdir, tokenizer, values: dict, prior_dir: str | None,
 def run_fidelity(config, workdir, records, spec, tokenizer, mesh, student_params) -> dict:
   """The fidelity task's results (proxykd/eval/fidelity.py `run`, plus what was compared)."""
   f = config.fidelity
-  teacher = eval_model.resolve(runner.absolute_path(f.teacher), key="config.fidelity.teacher")
+  teacher = eval_model.resolve(f.teacher_model, key="config.fidelity.teacher_model")
   try:
     check_same_tokenizer(load_tokenizer(teacher.tokenizer_dir), tokenizer, "teacher's", "evaluated model's")
   except ValueError as e:

@@ -38,11 +38,10 @@ PATH_KEYS = frozenset({
     "init_from",  # proxy_sft, proxy_dpo, student_kd: the weights to start from (HF dir or checkpoint)
     "output",  # export: the HF directory to write; collect: the corpus to append to; cache_proxy
     "path",  # collect.prompts: the prompt file of source=file
-    "prior",  # calibrate, student_kd, eval.fidelity: a prior directory (the prior stage's output)
     "proxy",  # cache_proxy, calibrate, student_kd: the aligned proxy (checkpoint or HF directory)
-    "prior",  # calibrate, student_kd: the prior stage's directory
+    "prior",  # calibrate, student_kd, eval.fidelity: the prior stage's directory
     "cache",  # student_kd (offline): the cache_proxy stage's directory
-    "teacher_model",  # student_kd baseline=whitebox: the teacher's own weights
+    "teacher_model",  # student_kd baseline=whitebox, eval.fidelity: the teacher's own weights
     "tokenizer",  # proxy_sft, export, serve_teacher, collect.local: a tokenizer directory
     "workdir",  # any stage: the run directory (the fallback when --workdir is not given)
 })

@@ -6,7 +6,7 @@ any local HF directory.
   python main.py --config=configs/eval.py:tasks=synthetic,runlocal --config.model=DIR/proxy_dpo/hf --workdir=DIR
   python main.py --config=configs/eval.py:tasks=choice --config.choice.path=arc_challenge.jsonl ...
 
-Writes DIR/eval/: results.json, results.md, predictions/<task>.jsonl (prompt, output, extracted
+Writes DIR/eval/ (or --config.output): results.json, results.md, predictions/<task>.jsonl (prompt, output, extracted
 answer, gold, correct). Greedy decoding throughout (the paper's setting). Variant flags: runlocal
 (limits for a CPU smoke run), tasks=<comma list>, mesh=<preset>.
 """
@@ -26,6 +26,9 @@ def get_config(arg=None):
   c.model = ""  # One of our checkpoints (root or step) or a Hugging Face model directory.
   c.tokenizer = ""  # Default: the HF directory, or the tokenizer the checkpoint records.
   c.name = ""  # The run's label in results and reports; default: from the model path.
+  # Where results go; default <workdir>/eval. E.g. DIR/student_sft/eval for one of several students
+  # (the report then takes DIR/student_sft as a run).
+  c.output = ""
   c.dtype = ""  # Compute dtype override (float32 | bfloat16); default: the model's (auto).
   c.tasks = arg.tasks  # Comma-separated, of: gsm8k, bbh, synthetic, prompts, choice, heldout, fidelity.
   c.limit = 0  # Items per task (BBH: per BBH task); 0 = all.

@@ -3,7 +3,9 @@
   python main.py --config=configs/report.py --config.runs=runs/sft,runs/proxykd,runs/posterior \
       --workdir=runs/report
 
-Reads from each run directory whatever it has (eval/results.json, proxy_dpo/rounds.jsonl,
+A run is a workdir, or one training stage's directory in it that the eval stage wrote to
+(--config.output=DIR/student_sft/eval: several students of one workdir side by side). Reads from
+each run directory whatever it has (eval/results.json, proxy_dpo/rounds.jsonl,
 calibrate/table.json, every tensorboard/ directory) and writes to --config.output (default
 <workdir>/report/): report.md, table.md, runs.json and the PNGs (training_curves, dpo_rounds,
 calibration, bbh_tasks, fidelity; a figure without data is left out).

@@ -94,6 +94,9 @@ def test_tensorboard_scalars_and_dpo_rounds_joined(runs, tmp_path):
   assert run.name == "proxy-kd" and [r["round"] for r in run.dpo_rounds] == [0, 1, 2]
   assert run.curves["proxy_dpo"]["train/loss"] == [(1, 4.0), (2, 5.0), (3, 6.0), (4, 2.5), (5, 3.5), (6, 4.5)]
   assert report.read_run(a, "named").name == "named"
+  # A run that is one training stage's directory: its own curves are "run".
+  _tensorboard(tmp_path / "student_sft" / "tensorboard", [(1, 2.0), (2, 1.0)])
+  assert report.read_run(tmp_path / "student_sft").curves["run"]["train/loss"] == [(1, 2.0), (2, 1.0)]
 
 
 def test_report_refuses_missing_runs(tmp_path):

@@ -44,7 +44,7 @@ def training_curves(runs: Sequence[Run], path) -> bool:
         if pts:
           ax.plot([s for s, _ in pts], [v for _, v in pts], style, color=f"C{i}",
                   label=f"{r.name} {tag.split('/')[0]}", marker="." if len(pts) < 30 else None)
-    ax.set_title(stage)
+    ax.set_title("the run's own training" if stage == "run" else stage)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend(fontsize=7)

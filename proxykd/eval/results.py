@@ -58,7 +58,12 @@ def write(out_dir: epath.PathLike, results: dict) -> None:
   paths.write_text(out_dir / MARKDOWN, markdown(results))
 
 
-def read(run_dir: epath.PathLike) -> dict | None:
-  """`<run_dir>/eval/results.json`, or None if the run has none."""
-  path = epath.Path(run_dir) / "eval" / RESULTS
+def read_dir(out_dir: epath.PathLike) -> dict | None:
+  """`<out_dir>/results.json` (an eval stage's output directory), or None."""
+  path = epath.Path(out_dir) / RESULTS
   return json.loads(path.read_text()) if path.exists() else None
+
+
+def read(run_dir: epath.PathLike) -> dict | None:
+  """A run's results: `<run_dir>/eval/results.json`, or None if the run has none."""
+  return read_dir(epath.Path(run_dir) / "eval")

@@ -47,7 +47,8 @@ def read_scalars(logdir: epath.PathLike) -> Curves:
 
 def training_logs(run_dir: epath.PathLike) -> dict[str, Curves]:
   """{stage: curves} of a run: every `tensorboard/` directory up to three levels below the run,
-  named by its parent's path relative to the run (`proxy_sft`, `proxy_dpo/rounds/001`, ...)."""
+  named by its parent's path relative to the run (`proxy_sft`, `proxy_dpo/rounds/001`, ...); the
+  run's own (a run that is one training stage's directory, e.g. DIR/student_sft) is `run`."""
   run_dir = epath.Path(run_dir)
   out = {}
   frontier = [(run_dir, "")]
@@ -61,8 +62,8 @@ def training_logs(run_dir: epath.PathLike) -> dict[str, Curves]:
           continue
         if child.name == "tensorboard":
           curves = read_scalars(child)
-          if curves and rel:
-            out[rel] = curves
+          if curves:
+            out[rel or "run"] = curves
         else:
           nxt.append((child, f"{rel}/{child.name}" if rel else child.name))
     frontier = nxt

@@ -4,7 +4,7 @@ Generative tasks (gsm8k, bbh, synthetic, prompts) run greedy through the sharded
 in batches (proxykd/eval/generate.py); `choice` scores multiple-choice files by log-likelihood and
 `heldout` the teacher corpus' held-out split, both through the jitted scorer on the mesh;
 `fidelity` measures the estimator against a teacher whose weights we have (eval_fidelity.py). Outputs
-in `<workdir>/eval/`: `predictions/<task>.jsonl` (appended batch by batch; a rerun with the same
+in `config.output` (default `<workdir>/eval/`): `predictions/<task>.jsonl` (appended batch by batch; a rerun with the same
 model and settings reuses them), `results.json` and `results.md` (the tasks of earlier runs of the
 same model are kept, so tasks can be evaluated one run at a time).
 """
@@ -136,7 +136,7 @@ def open_model(config, batches: dict[str, int]):
 
 
 def run(config, workdir):
-  out = runner.stage_dir(workdir, STAGE)
+  out = epath.Path(config.output or runner.stage_dir(workdir, STAGE))
   names = _task_names(config)
   spec, tokenizer, mesh = open_model(config, {"config.batch_size": config.batch_size,
                                               "config.score_batch": config.score_batch})
@@ -177,7 +177,7 @@ def run(config, workdir):
   if "fidelity" in names:
     results["tasks"]["fidelity"] = eval_fidelity.run_fidelity(config, workdir, heldout_records, spec,
                                                               tokenizer, mesh, params)
-  earlier = eval_results.read(workdir)
+  earlier = eval_results.read_dir(out)
   if earlier and earlier.get("model") == spec.identity:  # Tasks of earlier runs of this model stay.
     results["tasks"] = {**{k: v for k, v in earlier["tasks"].items() if k not in results["tasks"]},
                         **results["tasks"]}

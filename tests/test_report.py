@@ -94,9 +94,12 @@ def test_tensorboard_scalars_and_dpo_rounds_joined(runs, tmp_path):
   assert run.name == "proxy-kd" and [r["round"] for r in run.dpo_rounds] == [0, 1, 2]
   assert run.curves["proxy_dpo"]["train/loss"] == [(1, 4.0), (2, 5.0), (3, 6.0), (4, 2.5), (5, 3.5), (6, 4.5)]
   assert report.read_run(a, "named").name == "named"
-  # A run that is one training stage's directory: its own curves are "run".
-  _tensorboard(tmp_path / "student_sft" / "tensorboard", [(1, 2.0), (2, 1.0)])
-  assert report.read_run(tmp_path / "student_sft").curves["run"]["train/loss"] == [(1, 2.0), (2, 1.0)]
+  # A run that is one training stage's directory: its own curves are named by it, and a workdir
+  # holding it leaves them to it when both are runs of the report.
+  _tensorboard(b / "student_sft" / "tensorboard", [(1, 2.0), (2, 1.0)])
+  assert report.read_run(b / "student_sft").curves["student_sft"]["train/loss"] == [(1, 2.0), (2, 1.0)]
+  assert "student_sft" in report.read_run(b).curves
+  assert "student_sft" not in report.read_run(b, others=[str(b / "student_sft")]).curves
 
 
 def test_report_refuses_missing_runs(tmp_path):

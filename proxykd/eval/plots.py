@@ -10,7 +10,7 @@ from etils import epath
 from proxykd.eval.report import FIDELITY_ROWS, Run
 
 LOSS_TAGS = ("train/loss", "eval/loss")
-PIPELINE = ("proxy_sft", "proxy_dpo", "student_kd")  # panels in this order, then the others
+PIPELINE = ("proxy_sft", "proxy_dpo", "student_kd", "student_sft")  # panels first, in this order
 
 
 def _plt():
@@ -44,7 +44,10 @@ def training_curves(runs: Sequence[Run], path) -> bool:
         if pts:
           ax.plot([s for s, _ in pts], [v for _, v in pts], style, color=f"C{i}",
                   label=f"{r.name} {tag.split('/')[0]}", marker="." if len(pts) < 30 else None)
-    ax.set_title("the run's own training" if stage == "run" else stage)
+    ax.set_title(stage)
+    values = [v for r in runs for t in LOSS_TAGS for _, v in r.curves.get(stage, {}).get(t, [])]
+    if values and min(values) > 0 and max(values) / min(values) > 20:
+      ax.set_yscale("log")  # e.g. NLL + alpha KL in training against the held-out NLL
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend(fontsize=7)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any
+from typing import Any, Sequence
 
 from etils import epath
 
@@ -36,15 +36,16 @@ def _json_lines(path: epath.Path) -> list[dict]:
   return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
 
 
-def read_run(path: epath.PathLike, name: str = "") -> Run:
-  """What the run directory `path` holds (missing pieces are None or empty)."""
+def read_run(path: epath.PathLike, name: str = "", others: Sequence[str] = ()) -> Run:
+  """What the run directory `path` holds (missing pieces are None or empty); the directories of
+  `others` (runs of their own, e.g. a student's directory inside this workdir) are left to them."""
   path = epath.Path(path)
   ev = eval_results.read(path)
   cal_path = path / "calibrate" / "table.json"
   calibration = json.loads(cal_path.read_text()) if cal_path.exists() else None
   label = name or (ev or {}).get("name") or path.name
   return Run(label, str(path), ev, _json_lines(path / "proxy_dpo" / "rounds.jsonl"), calibration,
-             tensorboard.join_rounds(tensorboard.training_logs(path)))
+             tensorboard.join_rounds(tensorboard.training_logs(path, others)))
 
 
 def _task(run: Run, task: str, key: str) -> float | None:

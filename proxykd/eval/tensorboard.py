@@ -8,7 +8,9 @@ written for a (tag, step) wins.
 """
 from __future__ import annotations
 
+import os
 import struct
+from typing import Sequence
 
 from etils import epath
 
@@ -45,11 +47,13 @@ def read_scalars(logdir: epath.PathLike) -> Curves:
   return {tag: sorted(steps.items()) for tag, steps in sorted(values.items())}
 
 
-def training_logs(run_dir: epath.PathLike) -> dict[str, Curves]:
+def training_logs(run_dir: epath.PathLike, exclude: Sequence[str] = ()) -> dict[str, Curves]:
   """{stage: curves} of a run: every `tensorboard/` directory up to three levels below the run,
   named by its parent's path relative to the run (`proxy_sft`, `proxy_dpo/rounds/001`, ...); the
-  run's own (a run that is one training stage's directory, e.g. DIR/student_sft) is `run`."""
+  run's own (a run that is one training stage's directory, e.g. DIR/student_sft) is named by the
+  directory (`student_sft`). Directories in `exclude` (other runs of the same report) are skipped."""
   run_dir = epath.Path(run_dir)
+  skip = {os.path.normpath(os.fspath(p)) for p in exclude}
   out = {}
   frontier = [(run_dir, "")]
   for _ in range(4):
@@ -58,12 +62,12 @@ def training_logs(run_dir: epath.PathLike) -> dict[str, Curves]:
       if not d.is_dir():
         continue
       for child in sorted(d.iterdir()):
-        if not child.is_dir():
+        if not child.is_dir() or os.path.normpath(os.fspath(child)) in skip:
           continue
         if child.name == "tensorboard":
           curves = read_scalars(child)
           if curves:
-            out[rel or "run"] = curves
+            out[rel or run_dir.name] = curves
         else:
           nxt.append((child, f"{rel}/{child.name}" if rel else child.name))
     frontier = nxt

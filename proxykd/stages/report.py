@@ -30,7 +30,8 @@ def run(config, workdir):
   for d in dirs:
     if not epath.Path(d).is_dir():
       raise runner.UserError(f"config.runs: {d} is not a directory")
-  runs = [report.read_run(d, names[i] if names else "") for i, d in enumerate(dirs)]
+  runs = [report.read_run(d, names[i] if names else "", [o for o in dirs if o != d])
+          for i, d in enumerate(dirs)]
   seen = set()
   for r in runs:  # Labels must tell the runs apart in the table and legends.
     base, k = r.name, 2

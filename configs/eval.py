@@ -3,12 +3,12 @@ log-likelihood, held-out teacher NLL and the estimator's fidelity, for one of ou
 any local HF directory.
 
   python main.py --config=configs/eval.py --config.model=CHECKPOINT_OR_HF_DIR --workdir=DIR
-  python main.py --config=configs/eval.py:tasks=synthetic,runlocal --config.model=DIR/proxy_dpo/hf --workdir=DIR
+  python main.py --config=configs/eval.py:runlocal,tasks=synthetic+heldout --config.model=DIR/proxy_dpo/hf --workdir=DIR
   python main.py --config=configs/eval.py:tasks=choice --config.choice.path=arc_challenge.jsonl ...
 
 Writes DIR/eval/ (or --config.output): results.json, results.md, predictions/<task>.jsonl (prompt, output, extracted
 answer, gold, correct). Greedy decoding throughout (the paper's setting). Variant flags: runlocal
-(limits for a CPU smoke run), tasks=<comma list>, mesh=<preset>.
+(limits for a CPU smoke run), tasks=<tasks joined by +>, mesh=<preset>.
 """
 import ml_collections
 
@@ -20,7 +20,8 @@ GSM_SYSTEM = "Solve the problem step by step. End with a line '#### <answer>'."
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, runlocal=False, tasks="gsm8k,bbh", mesh="fsdp")
+  # Variant flags are comma-separated, so tasks=gsm8k+bbh names several tasks there.
+  arg = common.parse_arg(arg, runlocal=False, tasks="gsm8k+bbh", mesh="fsdp")
   c = ml_collections.ConfigDict()
   c.stage = "eval"
   c.model = ""  # One of our checkpoints (root or step) or a Hugging Face model directory.
@@ -30,7 +31,7 @@ def get_config(arg=None):
   # (the report then takes DIR/student_sft as a run).
   c.output = ""
   c.dtype = ""  # Compute dtype override (float32 | bfloat16); default: the model's (auto).
-  c.tasks = arg.tasks  # Comma-separated, of: gsm8k, bbh, synthetic, prompts, choice, heldout, fidelity.
+  c.tasks = arg.tasks.replace("+", ",")  # Comma-separated, of: gsm8k, bbh, synthetic, prompts, choice, heldout, fidelity.
   c.limit = 0  # Items per task (BBH: per BBH task); 0 = all.
   c.batch_size = 64  # Prompts per generation call (padded to a multiple of the mesh's batch axes).
   c.score_batch = 8  # Rows per scoring call.

@@ -12,7 +12,7 @@ from proxykd.models import lora
 
 @pytest.mark.parametrize("name,expected", [
     ("llama2_7b", 6_738_415_616), ("llama2_13b", 13_015_864_320), ("llama2_70b", 68_976_648_192),
-    ("llama3_8b", 8_030_261_248), ("qwen2_5_7b", 7_615_616_512)])
+    ("llama3_8b", 8_030_261_248), ("llama3_70b", 70_553_706_496), ("qwen2_5_7b", 7_615_616_512)])
 def test_presets_have_the_published_parameter_counts(name, expected):
   assert preset(name).num_params == expected
 

@@ -147,6 +147,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                       max_position_embeddings=131072,
                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    # Llama-3.1-70B (as llama3_8b is Llama-3.1-8B: 128k context, llama3 rope scaling).
+    "llama3_70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80,
+                       num_heads=64, num_kv_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0,
+                       max_position_embeddings=131072,
+                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
     "qwen2_5_7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
                        num_heads=28, num_kv_heads=4, rms_norm_eps=1e-6, rope_theta=1000000.0,
                        max_position_embeddings=32768, qkv_bias=True, model_type="qwen2"),

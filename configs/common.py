@@ -67,7 +67,7 @@ def variant_flags(get_config: Callable[..., Any]) -> dict[str, Any]:
     specs = _recorded_specs
   finally:
     _recorded_specs = previous
-  return {k: v for spec in specs for k, v in spec.items()}
+  return dict(specs[0]) if specs else {}  # the config's own call (it may build other configs)
 
 
 def model_config(name: str = "tiny", **overrides) -> ml_collections.ConfigDict:

@@ -24,7 +24,8 @@ Variant flags: baseline=<name>, mode=online|offline, runlocal, model=<preset>, m
 """
 import ml_collections
 
-from configs import common
+from configs import calibrate, collect, common, eval as eval_config, prior, proxy_dpo, proxy_sft
+from configs import tokenizer
 from proxykd.data import pipeline, split
 from proxykd.train import optimizer
 
@@ -34,7 +35,7 @@ BASELINES = ("posterior", "sft", "proxykd", "proxykd_unweighted", "prior_only", 
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, runlocal=False, baseline="posterior", mode="online", model="tiny",
-                         mesh="fsdp")
+                         mesh="fsdp", pipeline="auto")
   if arg.baseline not in BASELINES:
     raise common.VariantError(f"configs/student_kd.py: baseline={arg.baseline!r}; choose one of "
                               f"{list(BASELINES)}")
@@ -82,4 +83,55 @@ def get_config(arg=None):
     config.data.seq_len = 256
     config.train.update(steps=60, batch_size=4, log_every=10, eval_every=30, save_every=30)
     config.optim.update(lr=1e-3, warmup_steps=5)
+  if arg.pipeline not in ("auto", "on", "off"):
+    raise common.VariantError(f"configs/student_kd.py: pipeline={arg.pipeline!r}; choose auto, on or off")
+  enabled = arg.pipeline == "on" or (arg.pipeline == "auto" and arg.baseline == "posterior"
+                                     and not arg.runlocal)
+  config.pipeline = demo_pipeline(config) if enabled else ml_collections.ConfigDict({"enabled": False})
   return config
+
+
+def demo_pipeline(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The built-in demo, end to end, in one command (README command 1): every stage this student
+  needs that has not run in the workdir (default runs/demo) runs first with these settings, then
+  the student, an SFT baseline from the same initialisation and token budget, the evaluation of
+  both and a comparison table. Each step is a full stage config, overridable from the command line
+  (e.g. --config.pipeline.steps.proxy_dpo.dpo.rounds=4). Sized for a 2-core CPU: the proxy is a
+  larger model than the student and sees more of the teacher's data (D_w, then D_p in DPO), so it
+  knows more than the student, which is what distillation transfers (METHOD.md)."""
+  config.workdir = "runs/demo"  # when --workdir is not given
+  config.data.seq_len = 256
+  config.split.heldout = 0.1  # ~60 held-out prompts: enough to compare students and calibrate
+  config.train.update(steps=400, batch_size=8, log_every=20, eval_every=100, save_every=100)
+  config.optim.update(lr=1e-3, warmup_steps=20)
+  steps = ml_collections.ConfigDict()
+  steps.collect = collect.get_config("runlocal")
+  steps.collect.prompts.num = 600  # the synthetic teacher answers ~300 requests/s
+  steps.collect.teacher.top_logprobs = 5  # exercises the teacher top-k override of p̂
+  steps.collect.progress = False
+  steps.tokenizer = tokenizer.get_config()
+  steps.prior = prior.get_config()
+  steps.proxy_sft = proxy_sft.get_config("runlocal")
+  # The proxy: twice the student's width and depth.
+  steps.proxy_sft.model.update(hidden_size=128, num_layers=4, intermediate_size=352)
+  steps.proxy_sft.train.update(steps=150, batch_size=8, eval_every=50, save_every=50)
+  steps.proxy_dpo = proxy_dpo.get_config("runlocal")
+  steps.calibrate = calibrate.get_config("runlocal")
+  for step in steps.values():  # every stage splits the corpus the same way
+    if "split" in step:
+      step.split = config.split
+  # The prior is queried on the student's rows: same tokenisation.
+  steps.prior.data = config.data
+  steps.calibrate.data = config.data
+  evaluation = eval_config.get_config("runlocal")
+  evaluation.limit = 64  # items per task (the held-out split has ~60 prompts)
+  # Held-out synthetic problems, a GSM8K slice, and the NLL of held-out teacher text.
+  evaluation.tasks = "synthetic,gsm8k,heldout"
+  evaluation.split = config.split
+  return ml_collections.ConfigDict(dict(
+      enabled=True,
+      rerun="",  # a step to run again (it and every later step; old outputs kept in .rerun/)
+      order=("collect", "tokenizer", "prior", "proxy_sft", "proxy_dpo", "calibrate"),
+      steps=steps,
+      baseline="sft",  # the student_<baseline> run compared with the distilled student
+      eval=evaluation))

@@ -15,11 +15,12 @@ from __future__ import annotations
 import json
 import math
 
+import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
 
-from proxykd import runner
+from proxykd import runner, workflow
 from proxykd.data import proxy_cache, pipeline
 from proxykd.estimator import features as prior_features
 from proxykd.estimator import store, weights as sample_weights
@@ -27,7 +28,7 @@ from proxykd.estimator.prior import PriorView
 from proxykd.estimator.teacher_topk import TeacherFeatures
 from proxykd.models import checkpoint, hf_io, lora
 from proxykd.models.tokenizer import check_same_tokenizer, fingerprint, load_tokenizer
-from proxykd.stages import inputs
+from proxykd.stages import demo_summary, inputs
 from proxykd.train import distill, scoring, trainer
 from proxykd.train import state as st
 from proxykd.train import step as sp
@@ -120,7 +121,36 @@ def _write_weights(out: epath.Path, w: sample_weights.SampleWeights) -> None:
   plt.close(fig)
 
 
+def run_pipeline(config, workdir):
+  """The demo end to end (configs/student_kd.py `demo_pipeline`): every upstream stage not done
+  yet, this student, its SFT baseline (same initialisation and token budget), the evaluation of
+  both, the comparison table; each step skipped when done (proxykd/workflow.py)."""
+  p = config.pipeline
+  steps = [workflow.Step(name, p.steps[name]) for name in p.order]
+  student = config.copy_and_resolve_references()
+  student.pipeline = ml_collections.ConfigDict({"enabled": False})
+  baseline = student.copy_and_resolve_references()
+  baseline.update(run_name=f"student_{p.baseline}")
+  if p.baseline != "sft":
+    raise runner.UserError(f"config.pipeline.baseline={p.baseline!r}: the demo compares with sft")
+  baseline.kd.alpha = 0.0
+  runs = [student.run_name, baseline.run_name]
+  steps += [workflow.Step(student.run_name, student), workflow.Step(baseline.run_name, baseline)]
+  for name in runs:
+    evaluation = p.eval.copy_and_resolve_references()
+    evaluation.update(model=str(runner.stage_dir(workdir, name) / "checkpoints"), name=name,
+                      output=str(runner.stage_dir(workdir, name) / "eval"))
+    with evaluation.unlocked():
+      evaluation.run_name = f"{name}/eval"  # its config.json beside its results
+    steps.append(workflow.Step(f"{name}/eval", evaluation))
+  steps.append(workflow.Step("summary", None, action=lambda: demo_summary.write(workdir, runs)))
+  workflow.run(steps, workdir, p.rerun)
+  return runner.stage_dir(workdir, "summary")
+
+
 def run(config, workdir):
+  if config.get("pipeline") is not None and config.pipeline.enabled:
+    return run_pipeline(config, workdir)
   out = runner.stage_dir(workdir, config.run_name)
   kd = config.kd
   if kd.alpha < 0:

@@ -31,8 +31,8 @@ VOLATILE = frozenset({"progress", "progress_bar", "log_every", "save_every", "ev
 @dataclasses.dataclass
 class Step:
   name: str  # the step's directory under the workdir (a stage name or a run_name)
-  config: ml_collections.ConfigDict | None  # None: `action` does the work
-  action: Callable[[], Any] | None = None  # a step that is not a stage (e.g. the summary table)
+  config: ml_collections.ConfigDict | None  # the stage config (None for a step that is no stage)
+  action: Callable[[], Any] | None = None  # does the work instead of the stage (e.g. the table)
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:

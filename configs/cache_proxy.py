@@ -4,16 +4,16 @@
   python main.py --config=configs/cache_proxy.py:runlocal --workdir=DIR
 
 Writes DIR/cache_proxy/ (sharded, resumable, fingerprinted); student_kd with kd.mode=offline reads
-it and never loads the proxy. Variant flags: runlocal, mesh=<preset>.
+it and never loads the proxy. Variant flags: runlocal, mesh=<preset>, pod=<layout> (configs/pods).
 """
 import ml_collections
 
-from configs import common
+from configs import common, pods
 from proxykd.data import pipeline, split
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, runlocal=False, mesh="fsdp")
+  arg = common.parse_arg(arg, runlocal=False, mesh="fsdp", pod=pods.NONE)
   config = ml_collections.ConfigDict()
   config.stage = "cache_proxy"
   config.corpus = ""  # default <workdir>/collect/corpus.jsonl
@@ -35,4 +35,4 @@ def get_config(arg=None):
   if arg.runlocal:
     config.data.seq_len = 256
     config.update(batch_size=4, rows_per_shard=16, k=16)
-  return config
+  return pods.apply(config, arg.pod, config.stage)

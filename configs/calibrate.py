@@ -7,16 +7,16 @@ Scores the held-out teacher tokens under p_hat WITHOUT the label (METHOD.md Stag
 one proxy forward per batch for all settings. Writes DIR/calibrate/: table.json, chosen.json (read
 by the distillation stages; m = inf is written Infinity), calibration.png. Grid lists are tuples;
 write infinity as 1e999 on the command line, e.g. --config.grid.m="(0.0,1.0,4.0,1e999)". Variant
-flags: runlocal, mesh=<preset>.
+flags: runlocal, mesh=<preset>, pod=<layout> (configs/pods).
 """
 import ml_collections
 
-from configs import common
+from configs import common, pods
 from proxykd.data import pipeline, split
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, runlocal=False, mesh="fsdp")
+  arg = common.parse_arg(arg, runlocal=False, mesh="fsdp", pod=pods.NONE)
   config = ml_collections.ConfigDict()
   config.stage = "calibrate"
   config.corpus = ""  # Teacher corpus; default <workdir>/collect/corpus.jsonl.
@@ -48,4 +48,4 @@ def get_config(arg=None):
   if arg.runlocal:
     config.data.seq_len = 256
     config.batch_size = 4
-  return config
+  return pods.apply(config, arg.pod, config.stage)

@@ -7,17 +7,17 @@
 
 Round k: the proxy samples one response per prompt of the round (rejected), the teacher's answer
 is chosen, the reference is the proxy at the start of the round; loss = nll_weight * NLL(chosen)
-+ lam * preference loss. Variant flags: runlocal, mesh=<preset>.
++ lam * preference loss. Variant flags: runlocal, mesh=<preset>, pod=<layout> (configs/pods).
 """
 import ml_collections
 
-from configs import common
+from configs import common, pods
 from proxykd.data import pipeline, split
 from proxykd.train import optimizer
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, runlocal=False, mesh="fsdp")
+  arg = common.parse_arg(arg, runlocal=False, mesh="fsdp", pod=pods.NONE)
   config = ml_collections.ConfigDict()
   config.stage = "proxy_dpo"
   config.corpus = ""  # Teacher corpus; default <workdir>/collect/corpus.jsonl.
@@ -61,4 +61,4 @@ def get_config(arg=None):
     # The tiny warm-up proxy is far from the teacher: 3 passes over each round's pairs.
     config.train.update(batch_size=4, epochs=3.0, log_every=5, save_every=10)
     config.optim.update(lr=1e-3)
-  return config
+  return pods.apply(config, arg.pod, config.stage)

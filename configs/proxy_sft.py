@@ -5,17 +5,18 @@
   python main.py --config=configs/proxy_sft.py --workdir=DIR \
       --config.init_from=/models/Llama-2-70b-hf --config.model.lora_rank=16 --config.mesh.tensor=8
 
-Variant flags (after the colon): runlocal, model=<preset> (random init), mesh=<preset>.
+Variant flags (after the colon): runlocal, model=<preset> (random init), mesh=<preset>,
+pod=<layout> (a pod layout of configs/pods: mesh, batch, remat, LoRA; launch/README.md).
 """
 import ml_collections
 
-from configs import common
+from configs import common, pods
 from proxykd.data import pipeline, split
 from proxykd.train import optimizer
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, runlocal=False, model="tiny", mesh="fsdp")
+  arg = common.parse_arg(arg, runlocal=False, model="tiny", mesh="fsdp", pod=pods.NONE)
   config = ml_collections.ConfigDict()
   config.stage = "proxy_sft"
   config.corpus = ""  # Teacher corpus (JSON lines); default <workdir>/collect/corpus.jsonl.
@@ -49,4 +50,4 @@ def get_config(arg=None):
     config.data.seq_len = 256
     config.train.update(steps=20, batch_size=4, log_every=5, eval_every=10, save_every=10)
     config.optim.update(lr=1e-3, warmup_steps=2)
-  return config
+  return pods.apply(config, arg.pod, config.stage)

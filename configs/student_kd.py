@@ -20,12 +20,13 @@ directory DIR/student_<baseline>/ (the default writes DIR/student_kd/):
   unaligned           Proxy-KD from the warm-up proxy (proxy_sft) instead of the aligned one (TAKD-like)
   whitebox            simulation only: the teacher is one of our models (config.teacher_model), its
                       exact next-token distribution is p̂ (the estimator's upper bound)
-Variant flags: baseline=<name>, mode=online|offline, runlocal, model=<preset>, mesh=<preset>.
+Variant flags: baseline=<name>, mode=online|offline, runlocal, model=<preset>, mesh=<preset>,
+pod=<layout> (a pod layout of configs/pods; with it `pipeline=auto` is off: launch/README.md).
 """
 import ml_collections
 
-from configs import calibrate, collect, common, eval as eval_config, prior, proxy_dpo, proxy_sft
-from configs import tokenizer
+from configs import calibrate, collect, common, eval as eval_config, pods, prior, proxy_dpo
+from configs import proxy_sft, tokenizer
 from proxykd.data import pipeline, split
 from proxykd.train import optimizer
 
@@ -35,7 +36,7 @@ BASELINES = ("posterior", "sft", "proxykd", "proxykd_unweighted", "prior_only", 
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, runlocal=False, baseline="posterior", mode="online", model="tiny",
-                         mesh="fsdp", pipeline="auto")
+                         mesh="fsdp", pipeline="auto", pod=pods.NONE)
   if arg.baseline not in BASELINES:
     raise common.VariantError(f"configs/student_kd.py: baseline={arg.baseline!r}; choose one of "
                               f"{list(BASELINES)}")
@@ -86,9 +87,9 @@ def get_config(arg=None):
   if arg.pipeline not in ("auto", "on", "off"):
     raise common.VariantError(f"configs/student_kd.py: pipeline={arg.pipeline!r}; choose auto, on or off")
   enabled = arg.pipeline == "on" or (arg.pipeline == "auto" and arg.baseline == "posterior"
-                                     and not arg.runlocal)
+                                     and not arg.runlocal and arg.pod == pods.NONE)
   config.pipeline = demo_pipeline(config) if enabled else ml_collections.ConfigDict({"enabled": False})
-  return config
+  return pods.apply(config, arg.pod, config.stage)
 
 
 def demo_pipeline(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -54,7 +54,7 @@ def test_missing_config_file_is_one_line():
 def test_bad_variant_is_not_called_a_config_key():
   line = _one_error_line(_main("--config=configs/proxy_sft.py:nosuch", "--workdir=/tmp/unused"))
   assert line == ("error: configs/proxy_sft.py: unknown variant flag 'nosuch'; "
-                  "known: ['mesh', 'model', 'runlocal']")
+                  "known: ['mesh', 'model', 'pod', 'runlocal']")
   line = _one_error_line(_main("--config=configs/proxy_sft.py:runlocal=maybe", "--workdir=/tmp/x"))
   assert "runlocal=maybe" in line and "boolean" in line
   line = _one_error_line(_main("--config=configs/export.py:runlocal", "--workdir=/tmp/unused"))

@@ -78,3 +78,10 @@ def copy_stages(src, dst, *stages):
   for stage in stages:
     shutil.copytree(src / stage, dst / stage)
   return dst
+
+
+@pytest.fixture(scope="session")
+def readme_demo(tmp_path_factory):
+  """README command 1 run as written in a copy of the checkout, twice (tests/readme_demo.py)."""
+  from readme_demo import run_readme_demo  # pylint: disable=g-import-not-at-top
+  return run_readme_demo(tmp_path_factory.mktemp("readme_demo"))

@@ -99,8 +99,8 @@ def _decode_program(cfg: ModelConfig, max_new_tokens: int, top_k_logprobs: int):
     head = lm_head_kernel(params, cfg)
     positions = jnp.maximum(jnp.cumsum(segments, axis=1) - 1, 0)
     cache = init_cache(cfg, batch, prompt_len + max_new_tokens)
-    hidden, cache = model.apply({"params": params}, tokens, positions, segments, cache=cache,
-                                return_hidden=True)
+    hidden, cache = Transformer(cfg, prefill=True).apply(  # the prompt attends only to itself
+        {"params": params}, tokens, positions, segments, cache=cache, return_hidden=True)
     k = max(top_k_logprobs, 1)
 
     def emit(hidden_last, state, step):

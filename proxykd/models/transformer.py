@@ -147,8 +147,11 @@ class Attention(nn.Module):
 
   `cache` is None or the whole (keys, values) cache [layers, B, S, kv_heads, head_dim]: this
   layer's new keys/values are written in place at [layer, :, cache_index] and it is returned.
+  `prefill`: the cache is empty and these are its first tokens, so they attend only to each other
+  (self-attention over T keys, any implementation) instead of over all S cache slots.
   """
   cfg: ModelConfig
+  prefill: bool = False
 
   @nn.compact
   def __call__(self, x, positions, segment_ids, cache, layer, cache_index, cache_segments):
@@ -173,9 +176,12 @@ class Attention(nn.Module):
       write = lambda c, new: nn.with_logical_constraint(jax.lax.dynamic_update_slice(
           c, new[None].astype(c.dtype), (layer, 0, cache_index, 0, 0)), _CACHE_AXES)
       cache = (write(ck, k), write(cv, v))
-      keys, values = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in cache)
-      out = attention.cached_attention(cfg.attention, q, keys, values, cache_index + jnp.arange(t),
-                                       segment_ids, cache_segments)
+      if self.prefill:
+        out = attention.self_attention(cfg.attention, q, k, v, segment_ids)
+      else:
+        keys, values = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in cache)
+        out = attention.cached_attention(cfg.attention, q, keys, values,
+                                         cache_index + jnp.arange(t), segment_ids, cache_segments)
     out = checkpoint_name(out, "context")
     out = _proj(cfg, "o", (h, d), (e,), ("heads", "head_dim"), ("embed",))(out)
     return checkpoint_name(out, "out_proj"), cache
@@ -198,6 +204,7 @@ class Mlp(nn.Module):
 class DecoderLayer(nn.Module):
   """One pre-norm block. Scanned: ((hidden, cache), layer index) -> ((hidden, cache), None)."""
   cfg: ModelConfig
+  prefill: bool = False
 
   @nn.compact
   def __call__(self, carry, layer, positions, segment_ids, cache_index, cache_segments):
@@ -206,8 +213,8 @@ class DecoderLayer(nn.Module):
     x, cache = carry
     x = nn.with_logical_constraint(x, _HIDDEN_AXES)
     h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="attn_norm")(x)
-    attn, cache = Attention(cfg, name="attn")(h, positions, segment_ids, cache, layer, cache_index,
-                                              cache_segments)
+    attn, cache = Attention(cfg, self.prefill, name="attn")(h, positions, segment_ids, cache, layer,
+                                                            cache_index, cache_segments)
     x = x + attn
     h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="mlp_norm")(x)
     x = x + Mlp(cfg, name="mlp")(h)
@@ -244,7 +251,9 @@ REMAT_POLICIES = {
 
 
 class Transformer(nn.Module):
+  """`prefill=True`: the call fills an empty KV cache with the prompt (see Attention)."""
   cfg: ModelConfig
+  prefill: bool = False
 
   def setup(self):
     cfg = self.cfg
@@ -259,7 +268,8 @@ class Transformer(nn.Module):
     self.layers = nn.scan(
         layer, variable_axes={"params": 0}, split_rngs={"params": True},
         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-        length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
+        length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(
+            cfg, self.prefill, name="layers")
     self.final_norm = RMSNorm(cfg.rms_norm_eps, _dtype(cfg.dtype), pdtype, name="final_norm")
     if not cfg.tie_word_embeddings:
       self.lm_head = self.param(

@@ -126,6 +126,19 @@ def _constrain(x: Array, *logical) -> Array:
   return nn.with_logical_constraint(x, logical) if not jax.sharding.get_abstract_mesh().empty else x
 
 
+def _chunked(hidden, labels, mask, weight, per_position, c):
+  """The per-position inputs of the distillation sums, split into chunks of c positions."""
+  split = lambda x: _chunks(x, c)
+  return (split(hidden), split(labels.astype(jnp.int32)), split(mask),
+          split(weight.astype(jnp.float32)), jax.tree.map(split, per_position))
+
+
+def _sums(per_chunk: tuple[Array, Array], alpha: float):
+  """(total, (nll_sum, kd_sum)) from the chunks' (nll, kd) sums."""
+  nll_sum, kl_sum = jnp.sum(per_chunk[0]), jnp.sum(per_chunk[1])
+  return nll_sum + alpha * kl_sum, (nll_sum, kl_sum)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
 def _fused_sum(hidden, kernel, labels, mask, weight, per_position, shared, c, target_fn, alpha):
   """(sum m (NLL + alpha w KL(p̂ || q)), (sum m NLL, sum m w KL)); T a multiple of c.
@@ -143,12 +156,7 @@ def _fused_sum(hidden, kernel, labels, mask, weight, per_position, shared, c, ta
       kl, _ = targets.forward_kl_parts(target_fn(pp, shared), logits - lse[..., None])
     return jnp.sum((lse - picked) * m), jnp.sum(kl * w * m)
 
-  split = lambda x: _chunks(x, c)
-  nll_sums, kl_sums = jax.lax.map(chunk, (split(hidden), split(labels.astype(jnp.int32)), split(mask),
-                                          split(weight.astype(jnp.float32)),
-                                          jax.tree.map(split, per_position)))
-  nll_sum, kl_sum = jnp.sum(nll_sums), jnp.sum(kl_sums)
-  return nll_sum + alpha * kl_sum, (nll_sum, kl_sum)
+  return _sums(jax.lax.map(chunk, _chunked(hidden, labels, mask, weight, per_position, c)), alpha)
 
 
 def _fused_sum_fwd(hidden, kernel, labels, mask, weight, per_position, shared, c, target_fn, alpha):
@@ -220,12 +228,7 @@ def _autodiff_sum(hidden, kernel, labels, mask, weight, per_position, shared, c,
     dv = div(jax.lax.stop_gradient(logp), logq, m) * w
     return jnp.sum((lse - picked) * m), jnp.sum(dv)
 
-  split = lambda x: _chunks(x, c)
-  nll_sums, kl_sums = jax.lax.map(chunk, (split(hidden), split(labels.astype(jnp.int32)), split(mask),
-                                          split(weight.astype(jnp.float32)),
-                                          jax.tree.map(split, per_position)))
-  nll_sum, kl_sum = jnp.sum(nll_sums), jnp.sum(kl_sums)
-  return nll_sum + alpha * kl_sum, (nll_sum, kl_sum)
+  return _sums(jax.lax.map(chunk, _chunked(hidden, labels, mask, weight, per_position, c)), alpha)
 
 
 def distill(hidden: Array, kernel: Array, labels: Array, mask: Array, *, weight: Array | None = None,

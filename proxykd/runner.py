@@ -18,6 +18,7 @@ import ml_collections
 from etils import epath
 
 from proxykd import paths
+from proxykd.errors import UserError  # noqa: F401  (runner.UserError: the stages' spelling)
 
 # Keys whose values must never be written anywhere. `*_env` keys hold the NAME of an environment
 # variable, which is not a secret.
@@ -45,10 +46,6 @@ PATH_KEYS = frozenset({
     "tokenizer",  # proxy_sft, export, serve_teacher, collect.local: a tokenizer directory
     "workdir",  # any stage: the run directory (the fallback when --workdir is not given)
 })
-
-
-class UserError(Exception):
-  """An error the user caused and can fix (bad config key, malformed file, ...)."""
 
 
 def redact(tree: Any) -> Any:

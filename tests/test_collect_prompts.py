@@ -6,7 +6,7 @@ import pytest
 
 from configs import collect as collect_config
 from proxykd.data import prompts
-from proxykd.runner import UserError
+from proxykd.errors import UserError
 from proxykd.stages import collect
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

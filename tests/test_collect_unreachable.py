@@ -13,7 +13,7 @@ import pytest
 
 from configs import collect as collect_config
 from proxykd.data import corpus
-from proxykd.runner import UserError
+from proxykd.errors import UserError
 from proxykd.stages import collect
 from proxykd.teacher import limits, serving
 

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from proxykd.data import corpus
-from proxykd.runner import UserError
+from proxykd.errors import UserError
 
 MSGS = [{"role": "system", "content": "Answer."}, {"role": "user", "content": "1+1?"}]
 TEACHER = {"model": "synthetic", "temperature": 0.7, "top_p": 1.0, "max_tokens": 64, "seed": None,

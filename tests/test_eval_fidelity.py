@@ -16,7 +16,7 @@ from proxykd.models.config import preset
 from proxykd.models.sampling import Sampler
 from proxykd.models.tokenizer import end_of_turn_ids, load_tokenizer
 from proxykd.models.transformer import Transformer, init_params, lm_head_kernel
-from proxykd.runner import UserError
+from proxykd.errors import UserError
 from proxykd.stages import eval as eval_stage
 from proxykd.teacher import problems
 from sft_fixtures import write_corpus

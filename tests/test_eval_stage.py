@@ -12,7 +12,7 @@ from proxykd.models.config import preset
 from proxykd.models.sampling import Sampler, bucket
 from proxykd.models.tokenizer import end_of_turn_ids, load_tokenizer
 from proxykd.models.transformer import init_params
-from proxykd.runner import UserError
+from proxykd.errors import UserError
 from proxykd.stages import eval as eval_stage
 from sft_fixtures import synthetic_records, write_corpus
 

@@ -6,7 +6,7 @@ import pytest
 
 from configs import report as report_config
 from proxykd.eval import report, tensorboard
-from proxykd.runner import UserError
+from proxykd.errors import UserError
 from proxykd.stages import report as report_stage
 
 PNG = b"\x89PNG\r\n\x1a\n"

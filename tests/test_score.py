@@ -13,7 +13,7 @@ from proxykd.models import checkpoint, hf_io
 from proxykd.models.config import preset
 from proxykd.models.tokenizer import load_tokenizer
 from proxykd.models.transformer import init_params
-from proxykd.runner import UserError
+from proxykd.errors import UserError
 from proxykd.stages import score as score_stage
 
 CFG = preset("tiny", vocab_size=384)

@@ -8,7 +8,7 @@ import pytest
 from configs import serve_teacher as serve_config
 from proxykd.models import hf_io, preset
 from proxykd.models.transformer import init_params
-from proxykd.runner import UserError
+from proxykd.errors import UserError
 from proxykd.teacher import problems, server, serving
 from proxykd.teacher.model_backend import ModelBackend
 from proxykd.models import checkpoint

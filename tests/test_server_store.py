@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from configs import serve_teacher as serve_config
-from proxykd.runner import UserError
+from proxykd.errors import UserError
 from proxykd.stages import serve_teacher
 from proxykd.teacher import server, serving, synthetic
 

@@ -12,7 +12,7 @@ from conftest import REPO
 from configs import eval as eval_config
 from proxykd.data import prompts
 from proxykd.eval import tasks
-from proxykd.runner import UserError
+from proxykd.errors import UserError
 from proxykd.stages import collect
 from proxykd.teacher import problems
 

@@ -38,7 +38,7 @@ from typing import Any, TypedDict
 from absl import logging
 from etils import epath
 
-from proxykd.runner import UserError
+from proxykd.errors import UserError
 
 CORPUS_FILENAME = "corpus.jsonl"
 FAILED_FILENAME = "failed.jsonl"

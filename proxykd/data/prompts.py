@@ -25,7 +25,7 @@ from typing import Any
 
 from etils import epath
 
-from proxykd.runner import UserError
+from proxykd.errors import UserError
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}

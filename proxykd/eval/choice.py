@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from proxykd.eval import jsonl, loglik
-from proxykd.runner import UserError
+from proxykd.errors import UserError
 
 RULES = ("accuracy", "accuracy_per_token", "accuracy_per_byte")
 

@@ -7,7 +7,7 @@ from typing import Callable, TypeVar
 from etils import epath
 
 from proxykd import paths
-from proxykd.runner import UserError
+from proxykd.errors import UserError
 
 T = TypeVar("T")
 

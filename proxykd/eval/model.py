@@ -15,7 +15,7 @@ from etils import epath
 
 from proxykd.models import checkpoint, hf_io
 from proxykd.models.config import ModelConfig
-from proxykd.runner import UserError
+from proxykd.errors import UserError
 
 
 @dataclasses.dataclass

@@ -16,7 +16,7 @@ import math
 from typing import Sequence
 
 from proxykd.eval import jsonl, loglik
-from proxykd.runner import UserError
+from proxykd.errors import UserError
 
 _ROLES = ("system", "user", "assistant", "developer", "tool")
 

@@ -22,7 +22,7 @@ from typing import Sequence
 
 from proxykd.data import prompts as prompt_sources
 from proxykd.eval import answers
-from proxykd.runner import UserError
+from proxykd.errors import UserError
 
 BBH_COT_SUFFIX = "\nA: Let's think step by step."
 GENERATIVE_FORMATS = ("gsm8k", "choice", "binary", "number", "text")

@@ -20,7 +20,7 @@ import time
 from absl import logging
 from etils import epath
 
-from proxykd import runner
+from proxykd.errors import UserError
 from proxykd.teacher import collector, limits, staging
 
 STATE_FILE = "batches.json"
@@ -34,7 +34,7 @@ def load_state(collect_dir: epath.PathLike) -> dict:
   try:
     return json.loads(path.read_text(encoding="utf-8"))
   except ValueError as e:
-    raise runner.UserError(f"{path}: not valid JSON ({e}); it records the batches in flight, fix or remove it") from None
+    raise UserError(f"{path}: not valid JSON ({e}); it records the batches in flight, fix or remove it") from None
 
 
 def save_state(collect_dir: epath.PathLike, state: dict) -> None:
@@ -64,7 +64,7 @@ class BatchRunner:
   async def _call(self, fn):
     out = await limits.call_with_retries(fn, self.policy, self.rng, self.sink.stats.calls, self.reach)
     if isinstance(out, limits.Failure):
-      raise runner.UserError(f"batch mode: the API refused a call ({out.status_code} {out.type}): {out.message}")
+      raise UserError(f"batch mode: the API refused a call ({out.status_code} {out.type}): {out.message}")
     return out
 
   async def _find_batch(self, input_file_id: str):
@@ -173,7 +173,7 @@ class BatchRunner:
         b["merged"] = True
         save_state(self.dir, self.state)
       if time.monotonic() > deadline:
-        raise runner.UserError(f"batch mode: batches still running after {self.cfg.timeout_h} h; rerun to resume "
+        raise UserError(f"batch mode: batches still running after {self.cfg.timeout_h} h; rerun to resume "
                                f"polling them ({self.dir / STATE_FILE})")
       if any(not b["merged"] for b in self.state["batches"]):
         await asyncio.sleep(self.cfg.poll_s)

@@ -20,7 +20,7 @@ from typing import Any
 
 import openai
 
-from proxykd.runner import UserError
+from proxykd.errors import UserError
 
 try:  # The HTTP library of the installed openai client: httpx2 from openai 3, httpx before.
   import httpx2 as httpx

@@ -12,7 +12,7 @@ import asyncio
 import os
 import random
 
-from proxykd import runner
+from proxykd.errors import UserError
 from proxykd.teacher.backend import Choice, Token, truncate
 
 DEFAULT_MAX_TOKENS = 256
@@ -30,7 +30,7 @@ class ModelBackend:
   def from_config(cls, config) -> "ModelBackend":
     from proxykd.models.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
     if bool(config.hf_dir) == bool(config.checkpoint):
-      raise runner.UserError("serve_teacher backend=model: set exactly one of hf_dir and checkpoint")
+      raise UserError("serve_teacher backend=model: set exactly one of hf_dir and checkpoint")
     if config.hf_dir:
       from proxykd.models import hf_io  # pylint: disable=import-outside-toplevel
       params, cfg = hf_io.load_hf(config.hf_dir)
@@ -40,16 +40,16 @@ class ModelBackend:
       try:
         params, cfg, meta = checkpoint.restore_for_inference(config.checkpoint)
       except FileNotFoundError as e:
-        raise runner.UserError(f"serve_teacher: checkpoint: {e}") from None
+        raise UserError(f"serve_teacher: checkpoint: {e}") from None
       tok_dir, name = config.tokenizer or meta.get("tokenizer"), "proxykd-checkpoint"
       if not tok_dir:
-        raise runner.UserError("serve_teacher: the checkpoint records no tokenizer; set --config.tokenizer=DIR")
+        raise UserError("serve_teacher: the checkpoint records no tokenizer; set --config.tokenizer=DIR")
     try:
       tokenizer = load_tokenizer(tok_dir)
     except (FileNotFoundError, OSError) as e:
-      raise runner.UserError(f"serve_teacher: tokenizer {tok_dir}: {e}") from None
+      raise UserError(f"serve_teacher: tokenizer {tok_dir}: {e}") from None
     if not getattr(tokenizer, "chat_template", None):
-      raise runner.UserError(f"serve_teacher: tokenizer {tok_dir} has no chat template")
+      raise UserError(f"serve_teacher: tokenizer {tok_dir} has no chat template")
     return cls(params, cfg, tokenizer, name)
 
   def _prompt_ids(self, messages: list[dict]) -> list[int]:

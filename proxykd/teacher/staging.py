@@ -19,7 +19,7 @@ from absl import logging
 from etils import epath
 
 from proxykd.paths import copy_file as _copy, is_local, write_text  # pylint: disable=unused-import
-from proxykd.runner import UserError
+from proxykd.errors import UserError
 
 
 @contextlib.contextmanager

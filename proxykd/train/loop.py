@@ -15,7 +15,7 @@ import jax
 from absl import logging
 
 from proxykd.data.batches import BatchIterator, HostSlice
-from proxykd.runner import UserError
+from proxykd.errors import UserError
 from proxykd.train.manager import TrainCheckpoints
 from proxykd.train.metrics import MetricWriter
 from proxykd.train.state import TrainState

@@ -10,7 +10,7 @@ from absl import logging
 from etils import epath
 
 from proxykd.data import pipeline
-from proxykd.runner import UserError
+from proxykd.errors import UserError
 from proxykd.train import step as sp
 from proxykd.train import trainer
 

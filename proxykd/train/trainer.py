@@ -19,7 +19,7 @@ from proxykd.data import batches
 from proxykd.data.packing import Rows
 from proxykd.models import checkpoint, hf_io
 from proxykd.models.config import ModelConfig
-from proxykd.runner import UserError
+from proxykd.errors import UserError
 from proxykd.train import loop, manager, metrics, optimizer
 from proxykd.train import sharding as shd
 from proxykd.train import state as st

@@ -13,7 +13,8 @@ from configs import proxy_sft as proxy_sft_config
 from proxykd import runner
 from proxykd.data import corpus
 from proxykd.models.tokenizer import build_demo_tokenizer
-from proxykd.teacher import problems, synthetic
+from proxykd.data import problems
+from proxykd.teacher import synthetic
 
 TEACHER = {"model": synthetic.MODEL_NAME, "temperature": 1.0, "top_p": 1.0, "max_tokens": None,
            "seed": None, "stop": None, "top_logprobs": 5}

@@ -7,7 +7,8 @@ import pytest
 from configs import collect as collect_config
 from proxykd.data import corpus
 from proxykd.stages import collect
-from proxykd.teacher import batch_client, collector, problems, server, serving, synthetic
+from proxykd.data import problems
+from proxykd.teacher import batch_client, collector, server, serving, synthetic
 
 KEY = "sk-collect-test-key-0123456789"
 

@@ -7,7 +7,8 @@ import numpy as np
 from proxykd.data import pipeline
 from proxykd.estimator import teacher_topk
 from proxykd.models.tokenizer import build_demo_tokenizer
-from proxykd.teacher import problems, synthetic
+from proxykd.data import problems
+from proxykd.teacher import synthetic
 
 
 def _record(i, question, rng):

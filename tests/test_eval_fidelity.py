@@ -18,7 +18,7 @@ from proxykd.models.tokenizer import end_of_turn_ids, load_tokenizer
 from proxykd.models.transformer import Transformer, init_params, lm_head_kernel
 from proxykd.errors import UserError
 from proxykd.stages import eval as eval_stage
-from proxykd.teacher import problems
+from proxykd.data import problems
 from sft_fixtures import write_corpus
 
 CFG = preset("tiny", vocab_size=384)

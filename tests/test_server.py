@@ -5,7 +5,8 @@ import time
 import openai
 import pytest
 
-from proxykd.teacher import problems, server, serving, synthetic
+from proxykd.data import problems
+from proxykd.teacher import server, serving, synthetic
 
 MODEL = synthetic.MODEL_NAME
 KEY = "sk-test-server-key"

@@ -9,7 +9,8 @@ from configs import serve_teacher as serve_config
 from proxykd.models import hf_io, preset
 from proxykd.models.transformer import init_params
 from proxykd.errors import UserError
-from proxykd.teacher import problems, server, serving
+from proxykd.data import problems
+from proxykd.teacher import server, serving
 from proxykd.teacher.model_backend import ModelBackend
 from proxykd.models import checkpoint
 

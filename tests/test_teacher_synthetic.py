@@ -5,7 +5,8 @@ import random
 
 import pytest
 
-from proxykd.teacher import backend, problems, synthetic
+from proxykd.data import problems
+from proxykd.teacher import backend, synthetic
 
 
 def test_train_and_heldout_are_disjoint_and_deterministic():

@@ -14,7 +14,7 @@ from proxykd.data import prompts
 from proxykd.eval import tasks
 from proxykd.errors import UserError
 from proxykd.stages import collect
-from proxykd.teacher import problems
+from proxykd.data import problems
 
 tfds = pytest.importorskip("tensorflow_datasets")
 

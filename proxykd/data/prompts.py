@@ -194,7 +194,7 @@ def load_tfds_rows(source: str, data_dir: str = "", default_split: str = "train"
 
 
 def load_synthetic(num: int, split: str, seed: int) -> list[dict]:
-  from proxykd.teacher import problems  # pylint: disable=import-outside-toplevel
+  from proxykd.data import problems  # pylint: disable=import-outside-toplevel
   return [{"messages": [{"role": "user", "content": p.question}],
            "meta": {"source": f"synthetic:{split}", "index": i, "answer": str(p.answer), "template": p.template}}
           for i, p in enumerate(problems.generate(num, split, seed))]

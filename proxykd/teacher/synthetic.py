@@ -16,7 +16,7 @@ import math
 import random
 import re
 
-from proxykd.teacher import problems
+from proxykd.data import problems
 from proxykd.teacher.backend import Choice, Token, truncate
 
 MODEL_NAME = "synthetic-gsm"

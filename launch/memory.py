@@ -3,6 +3,7 @@
   python launch/memory.py                          # every layout of configs/pods
   python launch/memory.py --layouts v5p-32_llama2  # some
   python launch/memory.py --markdown               # the table in launch/README.md
+  python launch/memory.py --readme                 # ... written into launch/README.md
 
 For each layout (configs/pods) and each stage it configures, the stage's config is built with
 `pod=<layout>`, its device programs are built abstractly and lowered for the layout's device count
@@ -33,6 +34,9 @@ from configs import pods  # noqa: E402  pylint: disable=wrong-import-position
 
 MARGIN = 0.10  # of the usable HBM, kept free beyond the estimate
 GIB = 2 ** 30
+README = REPO / "launch" / "README.md"
+TABLE_START = "<!-- memory table: python launch/memory.py --markdown -->\n"
+TABLE_END = "<!-- end of memory table -->"
 
 
 def _gib(n: float) -> float:
@@ -54,14 +58,16 @@ def _program_row(program, layout: pods.Layout, config) -> dict:
                                             program.bytes["params"], program.models.get("proxy"))
   else:
     transient = activations.forward_transient(cfg, rows, seq, tensor, chunk, hw.attention)
-  return _row(program.name, layout, rows, cfg, program.bytes, transient)
+  return _row(program.name, layout, rows, cfg, program.bytes, transient, program.kind == "train")
 
 
-def _row(name: str, layout: pods.Layout, rows: int, cfg, inputs: dict, transient: dict) -> dict:
+def _row(name: str, layout: pods.Layout, rows: int, cfg, inputs: dict, transient: dict,
+         train: bool = False) -> dict:
   hw = pods.HARDWARE[layout.hardware]
   budget = hw.hbm_gib * GIB * hw.usable * (1 - MARGIN)
   total = sum(inputs.values()) + sum(transient.values())
-  return {"program": name, "rows_per_device": rows, "remat": cfg.remat, "lora_rank": cfg.lora_rank,
+  return {"program": name, "rows_per_device": rows, "remat": cfg.remat if train else "-",
+          "lora_rank": cfg.lora_rank,
           "inputs": {k: _gib(v) for k, v in inputs.items()},
           "transient": {k: _gib(v) for k, v in transient.items()},
           "total": _gib(total), "budget": _gib(budget), "fits": bool(total <= budget)}
@@ -126,14 +132,27 @@ def measure(names: list[str]) -> dict:
 
 def markdown(result: dict) -> str:
   """The table of launch/README.md."""
-  lines = ["| layout | program | rows/device | remat | inputs GiB | transient GiB | total GiB | "
-           "budget GiB | fits |", "|---|---|---:|---|---:|---:|---:|---:|---|"]
+  lines = ["| layout | mesh d x f x t | program | rows/device | remat | inputs | transient | total "
+           "| budget | fits |", "|---|---|---|---:|---|---:|---:|---:|---:|---|"]
   for name, layout in result["layouts"].items():
+    mesh = " x ".join(str(layout["mesh"][a]) for a in ("data", "fsdp", "tensor"))
     for r in layout["programs"]:
-      lines.append(f"| {name} | {r['program']} | {r['rows_per_device']} | {r['remat']} | "
+      lines.append(f"| {name} | {mesh} | {r['program']} | {r['rows_per_device']} | {r['remat']} | "
                    f"{sum(r['inputs'].values()):.2f} | {sum(r['transient'].values()):.2f} | "
                    f"{r['total']:.2f} | {r['budget']:.2f} | {'yes' if r['fits'] else 'NO'} |")
   return "\n".join(lines)
+
+
+def readme_table(text: str) -> str:
+  """The table between the markers of launch/README.md's text."""
+  start = text.index(TABLE_START) + len(TABLE_START)
+  return text[start:text.index(TABLE_END)].strip()
+
+
+def write_readme(table: str) -> None:
+  text = README.read_text()
+  start = text.index(TABLE_START) + len(TABLE_START)
+  README.write_text(text[:start] + table + "\n" + text[text.index(TABLE_END):])
 
 
 def main(argv=None) -> None:
@@ -141,6 +160,7 @@ def main(argv=None) -> None:
   parser.add_argument("--layouts", default=",".join(pods.LAYOUTS),
                       help="comma-separated layout names (default: all)")
   parser.add_argument("--markdown", action="store_true", help="print the README table instead")
+  parser.add_argument("--readme", action="store_true", help="write the table into launch/README.md")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   names = [n for n in args.layouts.split(",") if n]
@@ -151,7 +171,9 @@ def main(argv=None) -> None:
     print(json.dumps(worker(names)))
     return
   result = {"margin": MARGIN, "units": "GiB per device", "layouts": measure(names)}
-  print(markdown(result) if args.markdown else json.dumps(result))
+  if args.readme:
+    write_readme(markdown(result))
+  print(markdown(result) if args.markdown or args.readme else json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Pod layouts (configs/pods): every big-model program lowers for the layout's device count on
 simulated CPU devices, and its per-device memory fits the accelerator (launch/memory.py); the
 activation estimate it adds is an upper bound of XLA's own figure where XLA can compute one."""
+import importlib.util
 import json
 import subprocess
 import sys
@@ -32,6 +33,14 @@ def test_every_layout_lowers_each_stage_and_fits(memory):
             f"{sum(r['transient'].values()):6.2f} = {r['total']:6.2f} GiB of {r['budget']:6.2f}")
       assert r["fits"] and r["total"] <= r["budget"], (name, program, r)
       assert r["budget"] == pytest.approx(layout["hbm_gib"] * layout["usable"] * 0.9, abs=0.01)
+
+
+def test_readme_table_is_the_scripts_output(memory):
+  spec = importlib.util.spec_from_file_location("launch_memory", REPO / "launch" / "memory.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  readme = module.readme_table(module.README.read_text())
+  assert readme == module.markdown(memory), "launch/README.md is stale: python launch/memory.py --readme"
 
 
 def test_weights_are_sharded_over_every_device(memory):

@@ -124,11 +124,10 @@ def train_transient(cfg: ModelConfig, rows: int, seq: int, tensor: int, chunk: i
       "residuals": cfg.num_layers * saved_per_layer(cfg, rows, seq, tensor, attention),
       "layer": layer_working_set(cfg, rows, seq, tensor, attention, backward=True),
       "loss": loss_bytes(cfg, rows, seq, tensor, chunk),
+      # A LoRA base is gathered like any weights but has no gradient.
       "gathered": gathered_bytes(cfg, tensor, trained=not cfg.lora_rank),
       "grads": 2 * trained_bytes,
   }
-  if cfg.lora_rank:  # the frozen base is gathered like a model's weights, no gradient
-    out["gathered"] = gathered_bytes(cfg, tensor, trained=False)
   if proxy is not None:
     s = _bytes(proxy.dtype)
     out["proxy"] = (layer_working_set(proxy, rows, seq, tensor, attention, backward=False)

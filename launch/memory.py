@@ -4,6 +4,7 @@
   python launch/memory.py --layouts v5p-32_llama2  # some
   python launch/memory.py --markdown               # the table in launch/README.md
   python launch/memory.py --readme                 # ... written into launch/README.md
+  python launch/memory.py --attention=xla          # as if auto fell back to XLA's attention
 
 For each layout (configs/pods) and each stage it configures, the stage's config is built with
 `pod=<layout>`, its device programs are built abstractly and lowered for the layout's device count
@@ -30,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "launch"))
 
+import activations  # noqa: E402  pylint: disable=wrong-import-position
 from configs import pods  # noqa: E402  pylint: disable=wrong-import-position
 
 MARGIN = 0.10  # of the usable HBM, kept free beyond the estimate
@@ -43,10 +45,8 @@ def _gib(n: float) -> float:
   return round(n / GIB, 2)
 
 
-def _program_row(program, layout: pods.Layout, config) -> dict:
+def _program_row(program, layout: pods.Layout, config, attention: str) -> dict:
   """One program's memory on one device under `layout` (in this process's simulated devices)."""
-  import activations  # pylint: disable=g-import-not-at-top
-  hw = pods.HARDWARE[layout.hardware]
   sizes = layout.mesh_sizes()
   tensor = sizes["tensor"]
   rows = program.rows // (sizes["data"] * sizes["fsdp"])  # rows over the batch axes
@@ -54,10 +54,10 @@ def _program_row(program, layout: pods.Layout, config) -> dict:
   seq = config.data.seq_len
   chunk = config.train.loss_chunk if "train" in config else config.loss_chunk
   if program.kind == "train":
-    transient = activations.train_transient(cfg, rows, seq, tensor, chunk, hw.attention,
+    transient = activations.train_transient(cfg, rows, seq, tensor, chunk, attention,
                                             program.bytes["params"], program.models.get("proxy"))
   else:
-    transient = activations.forward_transient(cfg, rows, seq, tensor, chunk, hw.attention)
+    transient = activations.forward_transient(cfg, rows, seq, tensor, chunk, attention)
   return _row(program.name, layout, rows, cfg, program.bytes, transient, program.kind == "train")
 
 
@@ -76,7 +76,6 @@ def _row(name: str, layout: pods.Layout, rows: int, cfg, inputs: dict, transient
 def _sample_row(layout: pods.Layout, config, reference) -> dict:
   """proxy_dpo's sampler: the proxy's weights and a KV cache of sample_batch prompts of up to
   seq_len tokens plus max_new_tokens (proxykd/models/sampling.py; estimated, not lowered)."""
-  import activations  # pylint: disable=g-import-not-at-top
   cfg = reference.models["model"]
   sizes = layout.mesh_sizes()
   tensor = sizes["tensor"]
@@ -88,8 +87,9 @@ def _sample_row(layout: pods.Layout, config, reference) -> dict:
   return _row("proxy_dpo/sample", layout, rows, cfg, {"frozen": reference.bytes["frozen"]}, transient)
 
 
-def worker(names: list[str]) -> dict:
-  """Rows of `names` (all with this process's device count)."""
+def worker(names: list[str], attention: str = "") -> dict:
+  """Rows of `names` (all with this process's device count); `attention`: the implementation the
+  estimate assumes (default: what model.attention=auto runs on the layout's hardware)."""
   import importlib  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import programs  # pylint: disable=g-import-not-at-top
@@ -102,7 +102,8 @@ def worker(names: list[str]) -> dict:
     for stage in pods.STAGES:
       config = importlib.import_module(f"configs.{stage}").get_config(f"pod={name}")
       found = programs.stage_programs(stage, config, layout.proxy_block())
-      rows += [_program_row(p, layout, config) for p in found]
+      implementation = attention or pods.HARDWARE[layout.hardware].attention
+      rows += [_program_row(p, layout, config, implementation) for p in found]
       if stage == "proxy_dpo":
         rows.append(_sample_row(layout, config, found[1]))
     hw = pods.HARDWARE[layout.hardware]
@@ -113,7 +114,7 @@ def worker(names: list[str]) -> dict:
   return out
 
 
-def measure(names: list[str]) -> dict:
+def measure(names: list[str], attention: str = "") -> dict:
   """{layout: its rows}, each group of layouts with one device count in its own subprocess."""
   by_devices: dict[int, list[str]] = {}
   for name in names:
@@ -122,7 +123,8 @@ def measure(names: list[str]) -> dict:
   for devices, group in sorted(by_devices.items()):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    proc = subprocess.run([sys.executable, __file__, "--worker", "--layouts", ",".join(group)],
+    proc = subprocess.run([sys.executable, __file__, "--worker", "--layouts", ",".join(group),
+                           f"--attention={attention}"],
                           capture_output=True, text=True, env=env, check=False)
     if proc.returncode:
       raise SystemExit(f"launch/memory.py: {group} failed:\n{proc.stderr[-4000:]}")
@@ -161,6 +163,8 @@ def main(argv=None) -> None:
                       help="comma-separated layout names (default: all)")
   parser.add_argument("--markdown", action="store_true", help="print the README table instead")
   parser.add_argument("--readme", action="store_true", help="write the table into launch/README.md")
+  parser.add_argument("--attention", default="", choices=("", "xla", "splash", "cudnn", "pallas_gpu"),
+                      help="estimate attention as this implementation (default: auto's choice)")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   names = [n for n in args.layouts.split(",") if n]
@@ -168,9 +172,10 @@ def main(argv=None) -> None:
   if unknown:
     parser.error(f"unknown layouts {unknown}; known: {sorted(pods.LAYOUTS)}")
   if args.worker:
-    print(json.dumps(worker(names)))
+    print(json.dumps(worker(names, args.attention)))
     return
-  result = {"margin": MARGIN, "units": "GiB per device", "layouts": measure(names)}
+  result = {"margin": MARGIN, "units": "GiB per device", "attention": args.attention or "auto",
+            "layouts": measure(names, args.attention)}
   if args.readme:
     write_readme(markdown(result))
   print(markdown(result) if args.markdown or args.readme else json.dumps(result))

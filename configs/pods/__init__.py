@@ -12,7 +12,7 @@ chips on 4 hosts), `h100x16` (2 hosts of 8 NVIDIA H100 80GB). Every layout:
   bfloat16 (`model.dtype`); the proxy trains LoRA adapters (rank 16 on every projection), the
   student trains all its weights;
 - uses `data.seq_len=1024` in every stage (the paper's maximum length; cache_proxy's rows must be
-  student_kd's);
+  student_kd's) and exports the trained models' HF directories in bfloat16 (`export_dtype`);
 - on TPU shards the weights over fsdp (the slice's ICI carries the per-layer gathers), with
   tensor=4 on v4's 32 GiB chips; on H100 it splits the model 8 ways inside a host (tensor, NVLink) and the batch across hosts
   (data), so only gradients cross the slower inter-host network.
@@ -103,16 +103,17 @@ class Layout:
     """{dotted config key: value} for `stage` (one of STAGES)."""
     mesh = ml_collections.ConfigDict(dict(self.mesh))
     common_keys = {"mesh": mesh, "data.seq_len": SEQ_LEN}
+    trained = {**common_keys, "export_dtype": "bfloat16"}  # the HF export at the end: half the bytes
     if stage == "proxy_sft":
-      return {**common_keys, "model": self.proxy_block(), "train.batch_size": self.sft_batch,
+      return {**trained, "model": self.proxy_block(), "train.batch_size": self.sft_batch,
               "train.grad_accum": self.sft_accum}
     if stage == "proxy_dpo":
-      return {**common_keys, "model": self.proxy_block(), "train.batch_size": self.dpo_batch,
+      return {**trained, "model": self.proxy_block(), "train.batch_size": self.dpo_batch,
               "train.grad_accum": self.dpo_accum, "dpo.sample_batch": self.dpo_sample_batch}
     if stage in ("calibrate", "cache_proxy"):
       return {**common_keys, "batch_size": self.score_batch}
     if stage == "student_kd":
-      return {**common_keys, "model": self.student_block(), "train.batch_size": self.student_batch,
+      return {**trained, "model": self.student_block(), "train.batch_size": self.student_batch,
               "train.grad_accum": self.student_accum}
     raise ValueError(f"pod layouts configure {STAGES}, not {stage!r}")
 

@@ -109,6 +109,10 @@ def demo_pipeline(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   steps.collect = collect.get_config("runlocal")
   steps.collect.prompts.num = 600  # the synthetic teacher answers ~300 requests/s
   steps.collect.teacher.top_logprobs = 5  # exercises the teacher top-k override of p̂
+  # Seeded (each sample with seed + its index): the demo's corpus, and so its table, is the same on
+  # every machine. Temperature 1: the teacher's phrasing varies, as a real teacher's does, so its
+  # full distribution carries what one sampled answer does not (what distillation transfers).
+  steps.collect.teacher.update(seed=0, temperature=1.0)
   steps.collect.progress = False
   steps.tokenizer = tokenizer.get_config()
   steps.prior = prior.get_config()

@@ -125,5 +125,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None) -> Any:
     raise UserError(f"--workdir is required for stage {stage!r}")
   # A stage that runs under several names in one workdir (the student and its baselines) writes
   # into <workdir>/<run_name>/.
-  write_config(config, stage_dir(workdir, config.get("run_name") or stage) / "config.json")
+  from proxykd import hosts  # pylint: disable=g-import-not-at-top  (jax: only when a stage runs)
+  if hosts.is_main():
+    write_config(config, stage_dir(workdir, config.get("run_name") or stage) / "config.json")
   return module.run(config, workdir)

@@ -20,7 +20,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from proxykd import runner
+from proxykd import hosts, runner
 
 DONE = "done.json"
 # Keys (last component) whose values never change what a stage produces.
@@ -104,6 +104,8 @@ def run(steps: Sequence[Step], workdir: epath.PathLike, rerun: str = "") -> None
       step.action()
     else:
       runner.run(config, str(workdir))
+    if not hosts.is_main():
+      continue
     out.mkdir(parents=True, exist_ok=True)
     (out / DONE).write_text(json.dumps({"config": wanted, "seconds": round(time.perf_counter() - start, 1),
                                         "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))

@@ -1,4 +1,4 @@
-"""proxykd/eval/inspect.py: one response token by token, checked against the formulas computed
+"""proxykd/analysis.py: one response token by token, checked against the formulas computed
 directly on the record's unpacked tokenisation (prior, proxy, posterior, students, the teacher's
 top-k), and its heat maps."""
 import jax
@@ -11,7 +11,7 @@ from proxykd.data import pipeline, tokenize
 from proxykd.estimator import store
 from proxykd.estimator.build import counts_from_records
 from proxykd.estimator.prior import PriorView
-from proxykd.eval import inspect
+from proxykd import analysis
 from proxykd.models.config import ModelConfig
 from proxykd.models.tokenizer import fingerprint
 from proxykd.models.transformer import Transformer, init_params
@@ -20,7 +20,7 @@ ESTIMATOR = {"kappa": 2.0, "m": 3.0, "tau": 1.5, "order": 3, "smoothing": "wb", 
 TEACHER_LP, OTHER_LP = -0.1, -2.5
 
 
-def _model(seed: int, vocab: int) -> inspect.Model:
+def _model(seed: int, vocab: int) -> analysis.Model:
   cfg = ModelConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_layers=1,
                     num_heads=2, num_kv_heads=2, initializer_range=0.5)
   return init_params(cfg, jax.random.PRNGKey(seed)), cfg
@@ -53,7 +53,7 @@ def run(tmp_path_factory):
   data.update(seq_len=96, cache=False)
   config = ml_collections.ConfigDict({"data": data, "prior": "",
                                       "kd": {"prior_k": 8, "teacher_topk": 5}})
-  view = inspect.RunView(root, config, tok, dict(ESTIMATOR), heldout)
+  view = analysis.RunView(root, config, tok, dict(ESTIMATOR), heldout)
   return view, train, _model(0, 512), _model(1, 512)
 
 
@@ -76,7 +76,7 @@ def _direct(run_view, record, model, tau=1.0):
 def test_inspect_record_matches_the_formulas(run):
   view, _, proxy, student = run
   record = view.heldout[0]
-  insp = inspect.inspect_record(view, record, proxy, {"student": student}, k=4)
+  insp = analysis.inspect_record(view, record, proxy, {"student": student}, k=4)
   labels, log_q, hist = _direct(view, record, proxy, tau=ESTIMATOR["tau"])
   np.testing.assert_array_equal(insp.labels, labels)
   assert view.tokenizer.decode(labels, skip_special_tokens=True).startswith(record["response"])
@@ -131,15 +131,15 @@ def test_inspect_record_matches_the_formulas(run):
 def test_a_record_the_prior_counted_is_refused(run):
   view, train, proxy, _ = run
   with pytest.raises(ValueError, match="were counted in the prior"):
-    inspect.inspect_record(view, train[0], proxy, {})
+    analysis.inspect_record(view, train[0], proxy, {})
 
 
 def test_record_nll_on_packed_rows_equals_each_record_alone(run):
   view, _, proxy, student = run
   records = view.heldout[1:5]
-  rows = inspect.rows_of(view, records)
+  rows = analysis.rows_of(view, records)
   assert len(rows) < len(records)  # several records share a row
-  ids, nll = inspect.record_nll({"student": student, "proxy": proxy}, rows)
+  ids, nll = analysis.record_nll({"student": student, "proxy": proxy}, rows)
   assert sorted(ids) == sorted(r["id"] for r in records)
   for rid, value in zip(ids, nll["student"]):
     record = next(r for r in records if r["id"] == rid)
@@ -150,8 +150,8 @@ def test_record_nll_on_packed_rows_equals_each_record_alone(run):
 
 def test_heat_maps_hold_the_top_tokens_and_the_teacher_token_probabilities(run, tmp_path):
   view, _, proxy, student = run
-  insp = inspect.inspect_record(view, view.heldout[0], proxy, {"student": student}, k=4)
-  fig = inspect.plot_top_tokens(insp, tmp_path / "top.png", k=3, start=2, count=10)
+  insp = analysis.inspect_record(view, view.heldout[0], proxy, {"student": student}, k=4)
+  fig = analysis.plot_top_tokens(insp, tmp_path / "top.png", k=3, start=2, count=10)
   shown = fig.axes[0].images[0].get_array()
   assert shown.shape == (10, 4 * 3)  # teacher, prior, proxy, posterior: 3 each
   np.testing.assert_allclose(shown[:, 9:12], insp.top["posterior"][1][2:12, :3])
@@ -159,7 +159,7 @@ def test_heat_maps_hold_the_top_tokens_and_the_teacher_token_probabilities(run, 
   assert len(framed) >= 10  # the teacher's own column holds it on every covered row
   assert (tmp_path / "top.png").stat().st_size > 5000
   names = ["prior", "proxy", "estimate", "teacher", "student"]
-  fig = inspect.plot_teacher_token(insp, names, tmp_path / "label.png", count=200)
+  fig = analysis.plot_teacher_token(insp, names, tmp_path / "label.png", count=200)
   shown = fig.axes[0].images[0].get_array()
   assert shown.shape == (5, len(insp.labels))
   np.testing.assert_allclose(shown[4], np.exp(insp.label_logprob["student"]), rtol=1e-6)
@@ -171,7 +171,7 @@ def test_heat_maps_hold_the_top_tokens_and_the_teacher_token_probabilities(run, 
 
 def test_record_nll_scatter_marks_the_chosen_record(tmp_path):
   nll = {"before": np.array([1.0, 2.0, 3.0, 4.0]), "after": np.array([0.5, 2.5, 2.0, 3.0])}
-  fig = inspect.plot_record_nll(nll, "before", "after", tmp_path / "records.png", marked=2)
+  fig = analysis.plot_record_nll(nll, "before", "after", tmp_path / "records.png", marked=2)
   ax = fig.axes[0]
   np.testing.assert_allclose(ax.collections[0].get_offsets(),
                              np.stack([nll["before"], nll["after"]], axis=1))
@@ -184,6 +184,6 @@ def test_token_texts_show_whitespace(run):
   view, *_ = run
   tok = view.tokenizer
   ids = tok(" plus 3\n", add_special_tokens=False)["input_ids"]
-  texts = inspect.token_texts(tok, ids + [len(tok) + 3])
+  texts = analysis.token_texts(tok, ids + [len(tok) + 3])
   assert "".join(texts[i] for i in ids) == "·plus·3↵"
   assert texts[len(tok) + 3] == f"<{len(tok) + 3}>"

@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
-from jax.experimental import multihost_utils
 
 from proxykd import paths
+from proxykd import hosts
 from proxykd.models import lora, safetensors_io
 from proxykd.models.config import ModelConfig, UnsupportedModelError, from_hf_config, to_hf_config
 from proxykd.models.transformer import abstract_params
@@ -179,12 +179,6 @@ def load_hf(directory: epath.PathLike, shardings=None, **config_overrides):
   return params, cfg
 
 
-def _to_host(x) -> np.ndarray:
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(x)
-
-
 def export_hf(params, cfg: ModelConfig, out_dir: epath.PathLike, *, tokenizer_dir=None,
               dtype: str = "float32", max_shard_bytes: int = 4 << 30) -> epath.Path:
   """Write `params` as an HF directory (config.json, safetensors shards + index, tokenizer files).
@@ -207,10 +201,10 @@ def export_hf(params, cfg: ModelConfig, out_dir: epath.PathLike, *, tokenizer_di
       for i in range(cfg.num_layers):
         shape = m.to_hf(np.empty(x.shape[1:], np.float32)).shape
         tensors.append((m.hf.format(i=i), shape, np_dtype,
-                        lambda x=x, i=i, m=m: m.to_hf(_to_host(x[i]))))
+                        lambda x=x, i=i, m=m: m.to_hf(hosts.to_host(x[i]))))
     else:
       shape = m.to_hf(np.empty(x.shape, np.float32)).shape
-      tensors.append((m.hf, shape, np_dtype, lambda x=x, m=m: m.to_hf(_to_host(x))))
+      tensors.append((m.hf, shape, np_dtype, lambda x=x, m=m: m.to_hf(hosts.to_host(x))))
 
   shards, size = [[]], 0
   for t in tensors:
@@ -220,7 +214,7 @@ def export_hf(params, cfg: ModelConfig, out_dir: epath.PathLike, *, tokenizer_di
       size = 0
     shards[-1].append(t)
     size += nbytes
-  if jax.process_index() != 0:  # Every host takes part in the gathers; host 0 writes.
+  if not hosts.is_main():  # Every host takes part in the gathers; the main host writes.
     for shard in shards:
       for t in shard:
         t[3]()

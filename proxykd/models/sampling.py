@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from proxykd import hosts
 from proxykd.models.config import ModelConfig
 from proxykd.models.transformer import Transformer, compute_dtype, init_cache, lm_head_kernel
 
@@ -230,7 +231,7 @@ class Sampler:
       stops[i, MAX_STOP_LEN - len(s):] = list(s)
     k = TOP_LOGPROBS if top_logprobs else 0
     program = self._program(params, batch, prompt_len, new, k)
-    out, logp, top_id, top_lp, length, stopped = jax.device_get(program(
+    out, logp, top_id, top_lp, length, stopped = map(hosts.to_host, program(
         params, tokens, segments, eos, stops, jax.random.PRNGKey(seed), np.float32(temperature),
         np.float32(top_p), np.int32(top_k), np.int32(max_new_tokens)))
     results = []

@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from proxykd import runner
+from proxykd import hosts, runner
 from proxykd.data import pipeline, proxy_cache
 from proxykd.estimator import weights
 from proxykd.models import checkpoint
@@ -105,8 +105,9 @@ def run(config, workdir):
     except ValueError as e:
       raise runner.UserError(f"{e} (or write it elsewhere with --config.output)") from None
   num_shards = -(-len(rows) // config.rows_per_shard)
-  proxy_cache.write_manifest(out, {"fingerprint": fp, "num_shards": num_shards,
-                                   "rows_per_shard": config.rows_per_shard, "rows": len(rows)})
+  if hosts.is_main():  # every host computes every shard (the forward is sharded); one writes
+    proxy_cache.write_manifest(out, {"fingerprint": fp, "num_shards": num_shards,
+                                     "rows_per_shard": config.rows_per_shard, "rows": len(rows)})
   mesh = shd.mesh_from_config(config.mesh)
   params, cfg = inputs.model_for_inference(ref, trainer.shardings_for(mesh))
   if len(tokenizer) > cfg.vocab_size:
@@ -127,11 +128,13 @@ def run(config, workdir):
   for s in todo:
     lo, hi = s * config.rows_per_shard, min(len(rows), (s + 1) * config.rows_per_shard)
     arrays = _shard_arrays(scorer(params, rows, lo, hi), rows, lo, hi)
-    written += proxy_cache.write_shard(out, s, *arrays)
+    if hosts.is_main():
+      written += proxy_cache.write_shard(out, s, *arrays)
     positions += len(arrays[1])
     bar.update(1)
   bar.close()
   seconds = time.perf_counter() - start
+  hosts.barrier("cache_proxy: shards written")
   cache = proxy_cache.ProxyCache(out, fp)
   size = sum(f.stat().length for f in out.glob("shard-*/*.npy"))
   summary = {"rows": len(rows), "positions": int(len(cache.offsets)), "k": config.k, "tau": tau,
@@ -143,7 +146,8 @@ def run(config, workdir):
       summary.update(verify(scorer, params, rows, cache, config.verify_rows, config.seed))
     except ValueError as e:
       raise runner.UserError(f"{STAGE}: {e}") from None
-  (out / "summary.json").write_text(json.dumps(summary, indent=2))
+  if hosts.is_main():
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
   logging.info("%s: %s", STAGE, summary)
   print(json.dumps(summary))
   return out

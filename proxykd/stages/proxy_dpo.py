@@ -26,7 +26,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from proxykd import runner
+from proxykd import hosts, runner
 from proxykd.data import corpus, packing, pairs, pipeline, split, tokenize
 from proxykd.models import checkpoint, hf_io, lora
 from proxykd.models.sampling import Sampler
@@ -100,7 +100,9 @@ def sample_round(sampler: Sampler, params, examples, path: epath.Path, config, k
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     bar = tqdm(total=len(batches), initial=len(batches) - len(todo), unit="batch",
                desc=f"round {k} sampling", dynamic_ncols=True, disable=not config.train.progress_bar)
-    with corpus.CorpusWriter(path, sync_every=d.sample_batch, validate=_validate_sample) as writer:
+    writer = (corpus.CorpusWriter(path, sync_every=d.sample_batch, validate=_validate_sample)
+              if hosts.is_main() else None)  # every host samples every batch; one writes
+    try:
       for b, batch in todo:
         prompts = [e.ids[:pairs.prompt_length(e)].tolist() for e in batch]
         gens = sampler.generate(params, prompts, max_new_tokens=d.max_new_tokens,
@@ -110,9 +112,14 @@ def sample_round(sampler: Sampler, params, examples, path: epath.Path, config, k
         for e, g in zip(batch, gens):
           if e.id not in done:
             done[e.id] = pairs.Sample(e.id, g.tokens, g.finish_reason)
-            writer.write(_sample_record(done[e.id]))
-        writer.sync()
+            if writer is not None:
+              writer.write(_sample_record(done[e.id]))
+        if writer is not None:
+          writer.sync()
         bar.update(1)
+    finally:
+      if writer is not None:
+        writer.close()
     bar.close()
   return done
 
@@ -129,9 +136,10 @@ def _reference_logp(scorer, ref_params, ref_name: str, rows: packing.Rows, path:
       if str(z["key"]) == key:
         return z["ref_logp"]
   ref_logp = scorer(ref_params, rows)["logp"].astype(np.float32)
-  buf = io.BytesIO()
-  np.savez(buf, key=np.asarray(key), ref_logp=ref_logp)
-  path.write_bytes(buf.getvalue())
+  if hosts.is_main():
+    buf = io.BytesIO()
+    np.savez(buf, key=np.asarray(key), ref_logp=ref_logp)
+    path.write_bytes(buf.getvalue())
   return ref_logp
 
 
@@ -186,7 +194,8 @@ def run(config, workdir):
 
   def record_round(k: int, row: dict) -> None:
     rounds[k] = {"round": k, **row}
-    rounds_path.write_text("".join(json.dumps(rounds[i]) + "\n" for i in sorted(rounds)))
+    if hosts.is_main():
+      rounds_path.write_text("".join(json.dumps(rounds[i]) + "\n" for i in sorted(rounds)))
 
   def evaluate(params) -> dict:
     if heldout_rows is None:
@@ -242,7 +251,8 @@ def run(config, workdir):
     last_done = k
     _log_table(rounds)
   final = out / "rounds" / f"{d.rounds:03d}" / "checkpoints"
-  (out / inputs.FINAL).write_text(json.dumps({"checkpoint": str(final)}))
+  if hosts.is_main():
+    (out / inputs.FINAL).write_text(json.dumps({"checkpoint": str(final)}))
   if config.export:
     if params is None:
       params, _ = checkpoint.restore_params(final, shardings_for)

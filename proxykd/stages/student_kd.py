@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from proxykd import runner, workflow
+from proxykd import hosts, runner, workflow
 from proxykd.data import proxy_cache, pipeline
 from proxykd.estimator import features as prior_features
 from proxykd.estimator import store, weights as sample_weights
@@ -221,7 +221,8 @@ def run(config, workdir):
     else:
       ids, means = cache.record_mean_logp()
     w = sample_weights.sample_weights(ids, means)
-    _write_weights(out, w)
+    if hosts.is_main():
+      _write_weights(out, w)
     w_by_id = w.by_id()
     logging.info("sample weights: mu=%.4f s=%.4f over %d records (%s)", w.mu, w.s, len(ids),
                  out / "weights.jsonl")

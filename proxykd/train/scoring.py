@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 import jax
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from proxykd import losses
+from proxykd import hosts, losses
 from proxykd.data import batches
 from proxykd.data.packing import Rows
 from proxykd.models.checkpoint import with_shardings
@@ -86,15 +85,9 @@ class Scorer:
     arrays = {k: rows.arrays[k][start:stop] for k in self.keys}
     out = []
     for batch in batches.fixed_batches(arrays, self.global_batch, self.host.rows):
-      out.append({k: _gather(v) for k, v in self._compiled(params, self.host.assemble(batch)).items()})
+      out.append({k: hosts.to_host(v) for k, v in self._compiled(params, self.host.assemble(batch)).items()})
     n = len(arrays["inputs"])
     return {k: np.concatenate([o[k] for o in out])[:n] for k in out[0]}
-
-
-def _gather(x: jax.Array) -> np.ndarray:
-  if jax.process_count() > 1:
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
 
 
 def teacher_token_stats(scores: dict[str, np.ndarray], rows: Rows) -> dict[str, float]:

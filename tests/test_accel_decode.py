@@ -71,7 +71,7 @@ def test_kv_cache_is_carried_through_the_layers_not_restacked():
   in place) instead of taking it as per-layer inputs and stacking new per-layer outputs."""
   cfg = preset("tiny")
   params = init_params(cfg, jax.random.PRNGKey(0))
-  cache_shape = (cfg.num_layers, 1, PROMPT + NEW, cfg.num_kv_heads, cfg.head_dim)
+  cache_shape = (cfg.num_layers, 1, cfg.num_kv_heads, PROMPT + NEW, cfg.head_dim)
   scans = [eqn for eqn, in_loop in _eqns(_decode_jaxpr(cfg, params).jaxpr)
            if in_loop and eqn.primitive.name == "scan"]
   assert scans

@@ -95,10 +95,12 @@ def test_cudnn_call_equals_the_reference_self_attention_and_cache():
       q, k, v, q_index, q_seg, kv_seg, is_causal=False, implementation="xla")
   reference = lambda q, k, v: attention.xla_attention(q, k, v, q_index, q_seg, kv_seg)
   _assert_close(_value_and_grads(cudnn_cached, q, k, v), _value_and_grads(reference, q, k, v))
+  heads_major = lambda c: jnp.swapaxes(c, 1, 2)  # The KV cache's layout [B, KVH, S, D].
   with attention.pallas_interpret():  # The Pallas kernels' cached path is the reference itself.
     for name in ("pallas_gpu", "splash", "auto", "cudnn"):
-      np.testing.assert_array_equal(
-          attention.cached_attention(name, q, k, v, q_index, q_seg, kv_seg), reference(q, k, v))
+      np.testing.assert_allclose(
+          attention.cached_attention(name, q, heads_major(k), heads_major(v), q_index, q_seg,
+                                     kv_seg), reference(q, k, v), rtol=1e-6, atol=1e-6)
 
 
 def test_the_cudnn_probe_compiles_or_says_no():

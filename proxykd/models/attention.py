@@ -88,15 +88,20 @@ def causal_blocks(t: int, min_block: int = 128, max_blocks: int = 8) -> int:
 
 
 def xla_attention(q: Array, keys: Array, values: Array, q_index: Array, q_segments: Array,
-                  kv_segments: Array) -> Array:
-  """Grouped-query attention of q [B, T, H, D] over keys/values [B, S, KVH, D]."""
+                  kv_segments: Array, heads_major: bool = False) -> Array:
+  """Grouped-query attention of q [B, T, H, D] over keys/values [B, S, KVH, D] (`heads_major`:
+  [B, KVH, S, D], the KV cache's layout)."""
   b, t, h, d = q.shape
-  kvh = keys.shape[2]
+  kvh = keys.shape[1 if heads_major else 2]
+  kv = "bksd" if heads_major else "bskd"
   qg = q.reshape(b, t, kvh, h // kvh, d)
-  scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys.astype(q.dtype),
+  scores = jnp.einsum(f"btkgd,{kv}->bkgts", qg, keys.astype(q.dtype),
                       preferred_element_type=jnp.float32) * (d ** -0.5)
   scores = jnp.where(attention_mask(q_index, q_segments, kv_segments), scores, _NEG_INF)
   probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+  if heads_major:  # Batch dims leading in the output too: one plain batched matmul, no transpose.
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs, values.astype(q.dtype))
+    return jnp.moveaxis(out, 3, 1).reshape(b, t, h, d)
   return jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(q.dtype)).reshape(b, t, h, d)
 
 
@@ -354,10 +359,12 @@ def self_attention(requested: str, q: Array, k: Array, v: Array, segment_ids: Ar
 def cached_attention(requested: str, q: Array, keys: Array, values: Array, q_index: Array,
                      q_segments: Array, kv_segments: Array) -> Array:
   """New queries q [B, T, H, D] at cache slots `q_index` [T] (segments q_segments [B, T]) over the
-  whole cache keys/values [B, S, KVH, D] (slot segments kv_segments [B, S]): a prefill (T > 1)
-  by cudnn when `requested` resolves to it, everything else by xla (see the module docstring)."""
-  if q.shape[1] > 1 and resolve(requested, q.dtype, q.shape[-1], keys.shape[1],
+  whole cache keys/values [B, KVH, S, D] (the cache's heads-major layout; slot segments
+  kv_segments [B, S]): a prefill (T > 1) by cudnn when `requested` resolves to it, everything else
+  by xla (see the module docstring)."""
+  if q.shape[1] > 1 and resolve(requested, q.dtype, q.shape[-1], keys.shape[2],
                                 cached=True) == "cudnn":
     kernel = lambda q, k, v, qs, ks, qi: cudnn_attention(q, k, v, qi, qs, ks, is_causal=False)
+    keys, values = (jnp.swapaxes(c, 1, 2) for c in (keys, values))
     return _on_mesh(kernel, q, keys, values, rows=(q_segments, kv_segments), shared=(q_index,))
-  return xla_attention(q, keys, values, q_index, q_segments, kv_segments)
+  return xla_attention(q, keys, values, q_index, q_segments, kv_segments, heads_major=True)

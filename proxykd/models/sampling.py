@@ -74,9 +74,12 @@ def filter_logits(logits, temperature, top_p, top_k):
 
 
 def _pick(logits, rng, temperature, top_p, top_k):
-  """One id per row from float32 logits [B, V]: argmax when temperature <= 0, else a sample."""
-  sampled = jax.random.categorical(rng, filter_logits(logits, temperature, top_p, top_k), axis=-1)
-  return jnp.where(temperature > 0.0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+  """One id per row from float32 logits [B, V]: argmax when temperature <= 0, else a sample (the
+  random draw only runs when sampling: lax.cond)."""
+  sample = lambda l: jax.random.categorical(rng, filter_logits(l, temperature, top_p, top_k),
+                                            axis=-1).astype(jnp.int32)
+  greedy = lambda l: jnp.argmax(l, axis=-1).astype(jnp.int32)
+  return jax.lax.cond(temperature > 0.0, sample, greedy, logits)
 
 
 def _stopped(tail, stop_ids):

@@ -31,8 +31,10 @@ from proxykd.models.config import ModelConfig
 
 Array = jax.Array
 _HIDDEN_AXES = ("activation_batch", "activation_length", "activation_embed")
-# The KV cache [layers, B, S, kv_heads, head_dim]: rows and heads sharded like the activations.
-_CACHE_AXES = (None, "activation_batch", None, "activation_kv_heads", None)
+# The KV cache [layers, B, kv_heads, S, head_dim]: rows and heads sharded like the activations.
+# Heads before slots: a decode step's attention reads each (row, head)'s keys as one contiguous
+# [S, head_dim] block, with no transpose of the cache per token.
+_CACHE_AXES = (None, "activation_batch", "activation_kv_heads", None, None)
 
 
 def _dtype(name: str):
@@ -145,8 +147,9 @@ def _proj(cfg: ModelConfig, name: str, in_shape, out_shape, in_axes, out_axes, u
 class Attention(nn.Module):
   """Grouped-query self-attention with rotary positions; with a KV cache, over the cached slots.
 
-  `cache` is None or the whole (keys, values) cache [layers, B, S, kv_heads, head_dim]: this
-  layer's new keys/values are written in place at [layer, :, cache_index] and it is returned.
+  `cache` is None or the whole (keys, values) cache [layers, B, kv_heads, S, head_dim] (or one
+  layer's, [1, ...], with `layer` 0): this layer's new keys/values are written in place at
+  [layer, :, :, cache_index] and it is returned.
   `prefill`: the cache is empty and these are its first tokens, so they attend only to each other
   (self-attention over T keys, any implementation) instead of over all S cache slots.
   """
@@ -174,7 +177,8 @@ class Attention(nn.Module):
       t = x.shape[1]
       ck, cv = cache
       write = lambda c, new: nn.with_logical_constraint(jax.lax.dynamic_update_slice(
-          c, new[None].astype(c.dtype), (layer, 0, cache_index, 0, 0)), _CACHE_AXES)
+          c, jnp.swapaxes(new, 1, 2)[None].astype(c.dtype), (layer, 0, 0, cache_index, 0)),
+          _CACHE_AXES)
       cache = (write(ck, k), write(cv, v))
       if self.prefill:
         out = attention.self_attention(cfg.attention, q, k, v, segment_ids)
@@ -320,9 +324,9 @@ def lm_head_kernel(params: dict, cfg: ModelConfig) -> Array:
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
-  """An empty KV cache: k/v [L, B, S, kv_heads, head_dim], slot segments [B, S] (0 = empty)."""
+  """An empty KV cache: k/v [L, B, kv_heads, S, head_dim], slot segments [B, S] (0 = empty)."""
   dtype = dtype or _dtype(cfg.dtype)
-  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
   zeros = lambda: nn.with_logical_constraint(jnp.zeros(shape, dtype), _CACHE_AXES)
   return {"k": zeros(), "v": zeros(),
           "segment_ids": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.zeros((), jnp.int32)}

@@ -50,7 +50,8 @@ def main() -> None:
 
   root = prompts.data_dir()
   train = prompts.load_rows(str(root / "gsm8k" / "train.jsonl"))
-  tokenizer = build_demo_tokenizer(tempfile.mkdtemp(prefix="bench-eval-tok-"),
+  tok_dir = tempfile.TemporaryDirectory(prefix="bench-eval-tok-")  # removed at exit
+  tokenizer = build_demo_tokenizer(tok_dir.name,
                                    [r["question"] + "\n" + r["answer"] for r in train], vocab_size=512)
   cfg = preset(args.preset, vocab_size=512)
   params = init_params(cfg, jax.random.PRNGKey(0))

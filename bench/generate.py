@@ -76,7 +76,8 @@ def speed(cfg, params, batch: int, new: int, repeats: int, with_transformers: bo
     import torch  # pylint: disable=g-import-not-at-top
     import transformers  # pylint: disable=g-import-not-at-top
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    out = tempfile.mkdtemp()
+    out_dir = tempfile.TemporaryDirectory()  # removed when the function returns
+    out = out_dir.name
     hf_io.export_hf(params, cfg, out)
     model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     ids = torch.tensor(prompts, dtype=torch.long)
@@ -126,7 +127,8 @@ def recompiles_per_round(workdir: str | None) -> dict:
       messages = [{"role": "system", "content": collect.teacher.system_prompt}] + p["messages"]
       text = "".join(t.text for t in synthetic.respond(p["messages"][-1]["content"], rng=rng))
       records.append({"id": str(len(records)), "messages": messages, "response": text})
-    tok = build_demo_tokenizer(tempfile.mkdtemp(), [m["content"] for r in records for m in r["messages"]]
+    tok_dir = tempfile.TemporaryDirectory()  # removed when the function returns
+    tok = build_demo_tokenizer(tok_dir.name, [m["content"] for r in records for m in r["messages"]]
                                + [r["response"] for r in records])
     source = "the demo's prompts, answered offline by the synthetic teacher"
   align = split.split_records(records, config.split)["align"]

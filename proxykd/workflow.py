@@ -56,6 +56,12 @@ def _settings(config: ml_collections.ConfigDict) -> dict:
   return json.loads(json.dumps(runner.redact(config.to_dict()), default=str))
 
 
+def _started(out: epath.Path) -> bool:
+  """Whether a step's directory holds work beyond its config.json (which the stage writes first;
+  the chain's own stage writes it for its directory before any step runs)."""
+  return (out / "config.json").exists() and any(p.name != "config.json" for p in out.iterdir())
+
+
 def _move_aside(workdir: epath.Path, name: str) -> None:
   d = workdir / name
   if d.exists():
@@ -90,7 +96,7 @@ def run(steps: Sequence[Step], workdir: epath.PathLike, rerun: str = "") -> None
           f"{out} was made with other settings than this pipeline's ({', '.join(diff[:4])}"
           f"{' ...' if len(diff) > 4 else ''}); rerun it and every later step with "
           f"--config.pipeline.rerun={step.name}, or use another --workdir")
-    elif (out / "config.json").exists() and config is not None:
+    elif config is not None and _started(out):
       diff = differences(json.loads((out / "config.json").read_text()), wanted)
       if diff:
         raise runner.UserError(

@@ -20,7 +20,7 @@ def _steps(calls, workdir, settings):
           for name in ("a", "b", "c")]
 
 
-def test_skip_refuse_rerun_and_resume(tmp_path, capsys):
+def test_skip_refuse_rerun_and_resume(tmp_path, capsys, caplog):
   settings = {n: {"stage": "x", "lr": 0.1, "train": {"steps": 5, "progress_bar": True}} for n in "abc"}
   calls = []
   workflow.run(_steps(calls, tmp_path, settings), tmp_path)
@@ -56,3 +56,15 @@ def test_skip_refuse_rerun_and_resume(tmp_path, capsys):
   (tmp_path / "c" / "config.json").write_text(json.dumps({**settings["c"], "lr": 0.2}))
   with pytest.raises(runner.UserError, match=r"half-finished run with other settings \(lr\)"):
     workflow.run(_steps(calls, tmp_path, settings), tmp_path)
+
+  # A directory with nothing but its config.json (written before any work, e.g. by the chain's own
+  # stage for its directory) is a fresh start, whatever that config says: not resumed, not refused.
+  calls.clear()
+  for name in "bc":
+    for f in (tmp_path / name).iterdir():
+      f.unlink()
+  (tmp_path / "c" / "config.json").write_text(json.dumps({**settings["c"], "lr": 0.3}))
+  caplog.clear()
+  with caplog.at_level("INFO"):
+    workflow.run(_steps(calls, tmp_path, settings), tmp_path)
+  assert calls == ["b", "c"] and "[3/3] c" in caplog.text and "resuming" not in caplog.text

@@ -49,7 +49,10 @@ def test_batched_generation_equals_one_at_a_time_and_stop_strings_cut_exactly(pa
 
   def gen(prompts, max_new, stop_ids):
     calls.append(len(prompts))
-    assert len({bucket(len(p), 16) for p in prompts}) == 1  # one prompt-length bucket per batch
+    # The longest prompts' bucket sets the batch; shorter ones only fill its padding rows.
+    longest = bucket(max(map(len, prompts)), 16)
+    same = sum(bucket(len(p), 16) == longest for p in prompts)
+    assert len(prompts) == same or len(prompts) <= bucket(same, 1)
     return sampler.generate(params, prompts, max_new_tokens=max_new, eos_ids=end_of_turn_ids(tokenizer),
                             stop_ids=stop_ids)
 
@@ -57,7 +60,12 @@ def test_batched_generation_equals_one_at_a_time_and_stop_strings_cut_exactly(pa
   batched = generate.run_task(task, gen, tokenizer, batch_size=4, **kw)
   assert sum(calls) == 6 and max(calls) == 4
   assert generate.length_batches([3, 5, 17, 20, 20, 40], list("abcdef"), 2) == [
-      ["a", "b"], ["c", "d"], ["e"], ["f"]]
+      ["f"], ["d", "e"], ["c"], ["b", "a"]]
+  # Batches of 4: the three prompts of bucket 32 are padded to 4 rows anyway; the longest prompt of
+  # bucket 16 fills the fourth. The lone prompt of bucket 64 is not padded (1 row), so it is alone.
+  assert generate.length_batches([3, 5, 17, 20, 20, 40], list("abcdef"), 4) == [
+      ["f"], ["d", "e", "c", "b"], ["a"]]
+  assert generate.length_batches([3, 5, 40], list("abc"), 4, rows=lambda n: 4) == [["c", "b", "a"]]
   single = generate.run_task(task, gen, tokenizer, batch_size=1, **kw)
   assert [r["output"] for r in batched] == [r["output"] for r in single]
   assert [r["id"] for r in batched] == [i.id for i in task.items]  # item order, not length order

@@ -91,6 +91,23 @@ print("RESULT" + json.dumps({"single": [g.tokens for g in single], "mesh": [g.to
 """
 
 
+def test_unrolled_layers_sample_what_the_layer_scan_samples(params):
+  """The two decode layouts (per-layer weights and caches on CPU, the scan elsewhere) agree."""
+  prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15], [3] * 20]
+  kw = dict(max_new_tokens=10, top_logprobs=3)
+  scan = Sampler(CFG, unroll_layers=False).generate(params, prompts, **kw)
+  unrolled = Sampler(CFG, unroll_layers=True).generate(params, prompts, **kw)
+  assert Sampler(CFG).unroll_layers == (jax.default_backend() == "cpu")
+  for a, b in zip(scan, unrolled):
+    assert a.tokens == b.tokens and a.finish_reason == b.finish_reason
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+    assert [[t for t, _ in top] for top in a.top_logprobs] == [[t for t, _ in top] for top in b.top_logprobs]
+  sampled = [Sampler(CFG, unroll_layers=u).generate(params, prompts, max_new_tokens=10,
+                                                    temperature=1.0, top_p=0.9, seed=3)
+             for u in (False, True)]
+  assert [g.tokens for g in sampled[0]] == [g.tokens for g in sampled[1]]
+
+
 def test_sampling_on_a_mesh_equals_one_device():
   out = json.loads(run_python(MESH, devices=8).split("RESULT", 1)[1])
   assert out["mesh"] == out["single"]

@@ -5,8 +5,9 @@ KV-cache sampler bound to the model's parameters, proxykd/models/sampling.py). I
 prompt length so each batch pads little and the sampler compiles one program per length bucket;
 each batch's predictions are appended to the predictions file as soon as it finishes, keyed by a
 hash of the model, the settings and the prompt, so a killed run redoes only what it had not
-written. A batch never mixes prompt-length buckets (`length_batches`): padding a short prompt to a
-long one's bucket would multiply the prefill's cost. A stop string is matched twice: on the device, as the token ids it has on its own (the
+written. Batches are cut by prompt-length bucket (`length_batches`): padding a short prompt to a
+long one's bucket would multiply the prefill's cost, except into rows the sampler pads anyway.
+A stop string is matched twice: on the device, as the token ids it has on its own (the
 batch stops early when the model writes them that way), and exactly on the host, where the text is
 cut before its first occurrence whatever the tokens were.
 """
@@ -78,18 +79,24 @@ def prediction_record(item: Item, key: str, text: str, gen: Generation, prompt_t
 
 
 def length_batches(lengths: Sequence[int], order: Sequence[int], batch_size: int,
-                   min_bucket: int = 16) -> list[list[int]]:
-  """`order` (sorted by length) cut into batches of at most `batch_size` that never mix prompt-length
-  buckets (powers of two, as the sampler pads them): a short prompt is never padded to a long one's
-  bucket, whose prefill costs batch x bucket x cache length."""
+                   min_bucket: int = 16, rows: Callable[[int], int] = lambda n: bucket(n, 1)
+                   ) -> list[list[int]]:
+  """`order`'s items cut into batches of at most `batch_size`, longest prompts first.
+
+  A batch holds the longest remaining prompts of one prompt-length bucket (powers of two, as the
+  sampler pads them): a short prompt is never padded to a long one's bucket for nothing, as the
+  prefill costs batch x bucket x cache length. But the sampler also pads the batch itself to
+  `rows(n)` rows (a power of two); those rows cost the same whether empty or not, so they are
+  filled with the next-longest prompts, from shorter buckets.
+  """
+  todo = sorted(zip(lengths, order), key=lambda x: -x[0])  # stable: ties keep their order
   out: list[list[int]] = []
-  last = None
-  for n, i in zip(lengths, order):
-    b = bucket(n, min_bucket)
-    if not out or b != last or len(out[-1]) >= batch_size:
-      out.append([])
-    out[-1].append(i)
-    last = b
+  while todo:
+    top = bucket(todo[0][0], min_bucket)
+    same = next((i for i, (n, _) in enumerate(todo) if bucket(n, min_bucket) != top), len(todo))
+    size = batch_size if same >= batch_size else min(batch_size, rows(same))
+    out.append([i for _, i in todo[:size]])
+    todo = todo[size:]
   return out
 
 

@@ -32,7 +32,8 @@ from absl import logging
 
 from proxykd import hosts
 from proxykd.models.config import ModelConfig
-from proxykd.models.transformer import Transformer, compute_dtype, init_cache, lm_head_kernel
+from proxykd.models.transformer import (Transformer, compute_dtype, init_cache, lm_head_kernel,
+                                        unstack_layers)
 
 MAX_EOS = 8  # EOS ids per call (padded with -1)
 MAX_STOP, MAX_STOP_LEN = 4, 16  # stop sequences per call and tokens per sequence
@@ -90,21 +91,24 @@ def _stopped(tail, stop_ids):
   return jnp.any(jnp.all(match, axis=-1) & real[None], axis=-1)
 
 
-def _decode_program(cfg: ModelConfig, max_new_tokens: int, top_k_logprobs: int):
+def _decode_program(cfg: ModelConfig, max_new_tokens: int, top_k_logprobs: int,
+                    unrolled: bool = False):
   """The jittable generate(params, tokens, segments, eos_ids, stop_ids, rng, temperature, top_p,
   top_k, limit) for one bucket."""
-  model = Transformer(cfg)
+  model = Transformer(cfg, unrolled=unrolled)
   dtype = compute_dtype(cfg)
 
   def generate(params, tokens, segments, eos_ids, stop_ids, rng, temperature, top_p, top_k, limit):
     params = jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p,
                           params)  # Once per call, outside the decode loop.
+    if unrolled:
+      params = unstack_layers(params, cfg)
     batch, prompt_len = tokens.shape
     head = lm_head_kernel(params, cfg)
     positions = jnp.maximum(jnp.cumsum(segments, axis=1) - 1, 0)
-    cache = init_cache(cfg, batch, prompt_len + max_new_tokens)
-    hidden, cache = Transformer(cfg, prefill=True).apply(  # the prompt attends only to itself
-        {"params": params}, tokens, positions, segments, cache=cache, return_hidden=True)
+    cache = init_cache(cfg, batch, prompt_len + max_new_tokens, unrolled=unrolled)
+    hidden, cache = Transformer(cfg, prefill=True, unrolled=unrolled).apply(  # the prompt attends
+        {"params": params}, tokens, positions, segments, cache=cache, return_hidden=True)  # to itself
     k = max(top_k_logprobs, 1)
 
     def emit(hidden_last, state, step):
@@ -166,25 +170,32 @@ class Sampler:
   `context`: a context manager factory the programs are traced in (e.g. the mesh and logical
   axis rules: proxykd/train/sharding.py `mesh_context`); `min_batch`: the smallest batch bucket
   (a caller that samples in fixed-size batches passes that size, so a short last batch reuses the
-  same program).
+  same program); `unroll_layers`: run the layers as a Python loop over per-layer weights and KV
+  caches (`Transformer(unrolled=True)`) instead of the scan. None (default): on CPU, where the
+  scan's per-layer slices of the stacked cache are copied every token (bench/eval.py: 1.9x the
+  batch-64 decode speed); the scan elsewhere. Unrolling costs one copy of the layers' weights per
+  call (none beyond the dtype cast when the weights are float32 and the compute bfloat16) and a
+  program L times larger.
   """
 
   def __init__(self, cfg: ModelConfig, *, param_shardings=None, batch_sharding=None,
                batch_multiple: int = 1, context: Callable[[], ContextManager] | None = None,
-               min_batch: int = 1, min_prompt_len: int = 16, min_new_tokens: int = 16):
+               min_batch: int = 1, min_prompt_len: int = 16, min_new_tokens: int = 16,
+               unroll_layers: bool | None = None):
     self.cfg = cfg
     self.param_shardings = param_shardings
     self.batch_sharding = batch_sharding
     self.batch_multiple = max(1, batch_multiple)
     self.context = context or contextlib.nullcontext
     self.min_batch, self.min_prompt_len, self.min_new_tokens = min_batch, min_prompt_len, min_new_tokens
+    self.unroll_layers = (jax.default_backend() == "cpu") if unroll_layers is None else unroll_layers
     self._programs: dict[tuple, Any] = {}
     self.compiles = 0
 
   def _program(self, params, batch: int, prompt_len: int, new: int, top_k: int):
     key = (batch, prompt_len, new, top_k)
     if key not in self._programs:
-      fn = _decode_program(self.cfg, new, top_k)
+      fn = _decode_program(self.cfg, new, top_k, self.unroll_layers)
       shape = lambda s, d, sh=None: jax.ShapeDtypeStruct(s, d, sharding=sh)
       abstract_params = jax.tree.map(lambda p: shape(p.shape, p.dtype), params)
       if self.param_shardings is not None:

@@ -9,7 +9,8 @@ Layout choices:
   causally by index. The same mask serves the KV cache used for sampling: pass `cache` and the new
   keys/values are written at `cache["index"]`, queries attend to every cached slot of their segment.
   The cache travels through the layer scan as part of its carry and each layer writes only its new
-  slots in place (never a copy of the whole cache per token).
+  slots in place (never a copy of the whole cache per token). `Transformer(unrolled=True)` runs
+  the layers as a Python loop instead, each with its own cache array (what sampling uses on CPU).
 - How attention is computed (XLA, cuDNN, Pallas kernels) is `model.attention`:
   proxykd/models/attention.py.
 - The forward can stop before the lm_head (`return_hidden=True`): chunked vocabulary losses apply
@@ -176,14 +177,20 @@ class Attention(nn.Module):
     else:
       t = x.shape[1]
       ck, cv = cache
-      write = lambda c, new: nn.with_logical_constraint(jax.lax.dynamic_update_slice(
-          c, jnp.swapaxes(new, 1, 2)[None].astype(c.dtype), (layer, 0, 0, cache_index, 0)),
-          _CACHE_AXES)
+      if ck.ndim == 4:  # One layer's own cache (Transformer(unrolled=True)).
+        write = lambda c, new: nn.with_logical_constraint(jax.lax.dynamic_update_slice(
+            c, jnp.swapaxes(new, 1, 2).astype(c.dtype), (0, 0, cache_index, 0)), _CACHE_AXES[1:])
+        read = lambda c: c
+      else:
+        write = lambda c, new: nn.with_logical_constraint(jax.lax.dynamic_update_slice(
+            c, jnp.swapaxes(new, 1, 2)[None].astype(c.dtype), (layer, 0, 0, cache_index, 0)),
+            _CACHE_AXES)
+        read = lambda c: jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False)
       cache = (write(ck, k), write(cv, v))
       if self.prefill:
         out = attention.self_attention(cfg.attention, q, k, v, segment_ids)
       else:
-        keys, values = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in cache)
+        keys, values = map(read, cache)
         out = attention.cached_attention(cfg.attention, q, keys, values,
                                          cache_index + jnp.arange(t), segment_ids, cache_segments)
     out = checkpoint_name(out, "context")
@@ -255,9 +262,17 @@ REMAT_POLICIES = {
 
 
 class Transformer(nn.Module):
-  """`prefill=True`: the call fills an empty KV cache with the prompt (see Attention)."""
+  """`prefill=True`: the call fills an empty KV cache with the prompt (see Attention).
+
+  `unrolled=True`: the layers are a Python loop over `layer_{i}` modules instead of the scan (the
+  parameters as `unstack_layers` gives them; the KV cache as `init_cache(..., unrolled=True)`
+  gives it, one array per layer). Sampling uses it where the scan's per-layer views into the
+  stacked cache are copies (XLA:CPU copies each layer's whole [B, kv_heads, S, head_dim] cache
+  before the attention's matmul, twice per layer and token).
+  """
   cfg: ModelConfig
   prefill: bool = False
+  unrolled: bool = False
 
   def setup(self):
     cfg = self.cfg
@@ -267,13 +282,16 @@ class Transformer(nn.Module):
                                                   ("vocab", "embed")),
         (cfg.vocab_size, cfg.hidden_size), pdtype)
     layer = DecoderLayer
-    if cfg.remat != "none":
+    if self.unrolled:
+      self.layers = [layer(cfg, self.prefill, name=f"layer_{i}") for i in range(cfg.num_layers)]
+    elif cfg.remat != "none":
       layer = nn.remat(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-    self.layers = nn.scan(
-        layer, variable_axes={"params": 0}, split_rngs={"params": True},
-        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-        length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(
-            cfg, self.prefill, name="layers")
+    if not self.unrolled:
+      self.layers = nn.scan(
+          layer, variable_axes={"params": 0}, split_rngs={"params": True},
+          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+          length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(
+              cfg, self.prefill, name="layers")
     self.final_norm = RMSNorm(cfg.rms_norm_eps, _dtype(cfg.dtype), pdtype, name="final_norm")
     if not cfg.tie_word_embeddings:
       self.lm_head = self.param(
@@ -303,8 +321,15 @@ class Transformer(nn.Module):
       kv, index = (cache["k"], cache["v"]), cache["index"]
       cache_segments = jax.lax.dynamic_update_slice_in_dim(
           cache["segment_ids"], segment_ids.astype(jnp.int32), index, axis=1)
-    layer_index = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    (x, kv), _ = self.layers((x, kv), layer_index, positions, segment_ids, index, cache_segments)
+    if self.unrolled:  # Layer i's cache is its own [B, kv_heads, S, head_dim] array.
+      per_layer = list(zip(*kv)) if kv is not None else [None] * cfg.num_layers
+      for i, layer in enumerate(self.layers):
+        (x, per_layer[i]), _ = layer((x, per_layer[i]), 0, positions, segment_ids, index,
+                                     cache_segments)
+      kv = tuple(map(tuple, zip(*per_layer))) if kv is not None else None
+    else:
+      layer_index = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+      (x, kv), _ = self.layers((x, kv), layer_index, positions, segment_ids, index, cache_segments)
     x = nn.with_logical_constraint(self.final_norm(x), _HIDDEN_AXES)
     out = x if return_hidden else self.logits(x)
     if cache is None:
@@ -318,16 +343,30 @@ class Transformer(nn.Module):
                       preferred_element_type=jnp.float32)
 
 
+def unstack_layers(params: dict, cfg: ModelConfig) -> dict:
+  """The parameters of `Transformer(unrolled=True)`: the scan's stacked `layers` [L, ...] split
+  into `layer_0` ... `layer_{L-1}` (one copy of the layers' weights)."""
+  params = dict(params)
+  stacked = params.pop("layers")
+  params.update({f"layer_{i}": jax.tree.map(lambda p, i=i: p[i], stacked)
+                 for i in range(cfg.num_layers)})
+  return params
+
+
 def lm_head_kernel(params: dict, cfg: ModelConfig) -> Array:
   """The [E, V] output projection (the transposed embedding when tied)."""
   return params["embedding"].T if cfg.tie_word_embeddings else params["lm_head"]
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
-  """An empty KV cache: k/v [L, B, kv_heads, S, head_dim], slot segments [B, S] (0 = empty)."""
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None, unrolled: bool = False) -> dict:
+  """An empty KV cache: k/v [L, B, kv_heads, S, head_dim] (`unrolled`: a tuple of L arrays
+  [B, kv_heads, S, head_dim], for `Transformer(unrolled=True)`), slot segments [B, S] (0 = empty)."""
   dtype = dtype or _dtype(cfg.dtype)
-  shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-  zeros = lambda: nn.with_logical_constraint(jnp.zeros(shape, dtype), _CACHE_AXES)
+  shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+  array = lambda *lead: nn.with_logical_constraint(jnp.zeros(lead + shape, dtype),
+                                                   _CACHE_AXES[1 - len(lead):])
+  zeros = ((lambda: tuple(array() for _ in range(cfg.num_layers))) if unrolled
+           else lambda: array(cfg.num_layers))
   return {"k": zeros(), "v": zeros(),
           "segment_ids": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.zeros((), jnp.int32)}
 

@@ -38,10 +38,11 @@ def test_split_is_deterministic_by_prompt_with_configured_fractions():
   assert abs(sizes["heldout"] - 0.01) < 0.004
   for name, frac in (("warmup", 0.1), ("align", 0.45), ("distill", 0.45)):
     assert abs(sizes[name] - frac * 0.99) < 0.015, sizes
-  # Order and corpus growth do not move a record.
+  # Order and corpus growth do not move a record; the corpus's order does not change the lists.
   again = split.split_records(list(reversed(recs[:5000])), cfg)
   for name, members in again.items():
     assert {r["id"] for r in members} <= {r["id"] for r in parts[name]}
+  assert again == split.split_records(recs[:5000], cfg)
   cfg.update(warmup=0.5, align=0.25, distill=0.25, heldout=0.0)
   assert abs(len(split.split_records(recs, cfg)["warmup"]) / len(recs) - 0.5) < 0.02
   cfg.warmup = 0.6

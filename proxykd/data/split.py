@@ -64,9 +64,12 @@ def assign(record: dict, cfg) -> str:
 
 
 def split_records(records: Iterable[dict], cfg) -> dict[str, list[dict]]:
-  """{'warmup': [...], 'align': [...], 'distill': [...], 'heldout': [...]}, corpus order kept."""
+  """{'warmup': [...], 'align': [...], 'distill': [...], 'heldout': [...]}, each in the order of the
+  records' ids: corpus.jsonl is in the order the collector's concurrent requests finished, which
+  differs from run to run, and everything downstream (packing, sampling batches) follows this
+  order, so the same records must give the same lists."""
   check_config(cfg)
   out: dict[str, list[dict]] = {name: [] for name in (*SPLITS, HELDOUT)}
   for record in records:
     out[assign(record, cfg)].append(record)
-  return out
+  return {name: sorted(members, key=lambda r: r["id"]) for name, members in out.items()}
